@@ -1,0 +1,209 @@
+"""Command line for the data path: synthesize, prepare, stats, display, tokenizer.
+
+    python -m bb3x_jax.data synthesize --out DIR --conversations N --seed S [--tarball]
+    python -m bb3x_jax.data stats --manual_dir DIR --stream bot --split train
+    python -m bb3x_jax.data display --manual_dir DIR --stream bot -n 5
+    python -m bb3x_jax.data prepare --manual_dir DIR --stream bot --data_dir DIR
+    python -m bb3x_jax.data train_tokenizer --manual_dir DIR --data_dir DIR --out FILE
+
+``stats`` prints exactly one JSON object on stdout (logs go to stderr), so it
+can be piped into ``jq``. Every command works on any release folder or tarball.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+import time
+
+from bb3x_jax.data import extract, release, schema, streams, synthetic
+from bb3x_jax.data.feedback import DEFAULT_POLICY, FeedbackPolicy
+
+
+def _add_release_args(parser: argparse.ArgumentParser, split: bool = True) -> None:
+    parser.add_argument("--manual_dir", required=True, help="chunk folder, folder holding the tarball, or the tarball")
+    parser.add_argument("--stream", default="bot", choices=schema.STREAMS)
+    if split:
+        parser.add_argument("--split", default="train", choices=schema.SPLITS)
+    parser.add_argument("--skip_malformed", action="store_true", help="skip (and count) bad conversations")
+    parser.add_argument(
+        "--sha256",
+        default=schema.TARBALL_SHA256,
+        help="expected sha256 of a tarball ('none' to skip the check for a tarball you made)",
+    )
+    parser.add_argument("--policy", default="", help="feedback policy overrides as JSON, e.g. '{\"order\": [\"like\"]}'")
+    parser.add_argument("--workers", type=int, default=-1, help="parser processes (-1: auto, 0: inline)")
+
+
+def _policy(args) -> FeedbackPolicy:
+    if not args.policy:
+        return DEFAULT_POLICY
+    return FeedbackPolicy.from_dict({**DEFAULT_POLICY.to_dict(), **json.loads(args.policy)})
+
+
+def _sha(args) -> str | None:
+    return None if str(args.sha256).lower() == "none" else args.sha256
+
+
+def _workers(args) -> int:
+    return extract.default_workers() if args.workers < 0 else args.workers
+
+
+def cmd_synthesize(args) -> None:
+    start = time.perf_counter()
+    summary = synthetic.synthesize(args.out, args.conversations, args.seed)
+    if args.tarball:
+        path = os.path.join(args.out, schema.TARBALL_NAME)
+        summary["tarball"] = path
+        summary["tarball_sha256"] = release.write_tarball(args.out, path)
+    summary["seconds"] = round(time.perf_counter() - start, 2)
+    print(json.dumps(summary, indent=1))
+
+
+def compute_stats(manual_dir, stream, split, *, policy, skip_malformed, sha256, workers) -> dict:
+    """One split's statistics straight from the release (no prepared data needed)."""
+    location = release.locate_release(manual_dir)
+    report = extract.SplitReport()
+    start = time.perf_counter()
+    for _ in extract.iter_examples(
+        location, split, stream, policy, report, skip_malformed=skip_malformed, num_workers=workers, tarball_sha256=sha256
+    ):
+        pass
+    out = {"stream": stream, "split": split, "release": location.describe(), **report.to_dict()}
+    out["reference_examples"] = schema.REFERENCE_COUNTS[stream][schema.SPLITS.index(split)]
+    out["seconds"] = round(time.perf_counter() - start, 2)
+    return out
+
+
+def cmd_stats(args) -> None:
+    stats = compute_stats(
+        args.manual_dir,
+        args.stream,
+        args.split,
+        policy=_policy(args),
+        skip_malformed=args.skip_malformed,
+        sha256=_sha(args),
+        workers=_workers(args),
+    )
+    print(json.dumps(stats))
+
+
+def format_example(example: dict, max_turns: int = 6, width: int = 100) -> str:
+    """A readable block: ids, feedback, the last context turns and the label."""
+    fields = streams.label_fields(example["label_info"])
+    turns = example["context"].split("\n")
+    shown = turns[-max_turns:]
+    lines = [
+        f"=== chat {example['chat_id']} message {example['message_index']} "
+        f"(user {example['user_pseudo_id']}{', adversarial human' if example['adversarial_human'] else ''})",
+        f"feedback: {schema.FEEDBACK_NAMES[example['feedback']]} (rule: {example['feedback_source']}); "
+        f"liked={fields['is_liked']} disliked={fields['is_disliked']}"
+        + (f" ({fields['dislike_type']})" if fields["dislike_type"] else "")
+        + f" safe={fields['safe']} reward={fields['reward_class'] or '-'}"
+        + (f" {fields['reward_probability']:.2f}" if fields["reward_class"] else "")
+        + (f" mturk={json.dumps(fields['mturk'])}" if fields["mturk_annotated"] else ""),
+    ]
+    if len(turns) > len(shown):
+        lines.append(f"  ... {len(turns) - len(shown)} earlier turn(s)")
+    for turn in shown:
+        lines.append(textwrap.shorten("  | " + turn.replace("\r", "\\r").replace("\u2028", "\\u2028"), width))
+    lines.append(textwrap.shorten(f"  > {fields['sender']}: " + example["label"], width))
+    return "\n".join(lines)
+
+
+def cmd_display(args) -> None:
+    location = release.locate_release(args.manual_dir)
+    report = extract.SplitReport()
+    shown = 0
+    for _, example in extract.iter_examples(
+        location,
+        args.split,
+        args.stream,
+        _policy(args),
+        report,
+        skip_malformed=args.skip_malformed,
+        num_workers=0,
+        tarball_sha256=_sha(args),
+    ):
+        print(format_example(example))
+        shown += 1
+        if shown >= args.n:
+            break
+    print(f"--- {shown} example(s) of stream {args.stream}, split {args.split}; "
+          f"{report.read.skipped} malformed conversation(s) skipped so far", file=sys.stderr)
+
+
+def cmd_prepare(args) -> None:
+    from bb3x_jax.data import builder
+
+    built = builder.prepare(
+        args.manual_dir,
+        args.stream,
+        data_dir=args.data_dir,
+        policy=_policy(args),
+        skip_malformed=args.skip_malformed,
+        tarball_sha256=_sha(args),
+        num_workers=_workers(args),
+    )
+    out = {"data_dir": str(built.data_dir), "splits": {s: built.info.splits[s].num_examples for s in schema.SPLITS}}
+    out["reports"] = {s: builder.split_report(built, s) for s in schema.SPLITS}
+    print(json.dumps(out, indent=1))
+
+
+def cmd_train_tokenizer(args) -> None:
+    from bb3x_jax.data import builder, tokenizer
+
+    built = builder.prepare(
+        args.manual_dir, args.stream, data_dir=args.data_dir, skip_malformed=args.skip_malformed,
+        tarball_sha256=_sha(args), num_workers=_workers(args),
+    )
+    path = tokenizer.train_on_prepared(built, args.out, vocab_size=args.vocab_size, seed=args.seed)
+    print(json.dumps({"model": path, "vocab_size": args.vocab_size}))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bb3x_jax.data", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synthesize", help="write a synthetic release in the exact format")
+    p.add_argument("--out", required=True)
+    p.add_argument("--conversations", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tarball", action="store_true", help=f"also pack it as {schema.TARBALL_NAME}")
+    p.set_defaults(fn=cmd_synthesize)
+
+    p = sub.add_parser("stats", help="print one JSON object of a split's statistics")
+    _add_release_args(p)
+    p.set_defaults(fn=cmd_stats)
+
+    p = sub.add_parser("display", help="print examples readably")
+    _add_release_args(p)
+    p.add_argument("-n", type=int, default=5)
+    p.set_defaults(fn=cmd_display)
+
+    p = sub.add_parser("prepare", help="prepare the TFDS dataset (array_record)")
+    _add_release_args(p, split=False)
+    p.add_argument("--data_dir", required=True)
+    p.set_defaults(fn=cmd_prepare)
+
+    p = sub.add_parser("train_tokenizer", help="train the sentencepiece model on the prepared train split")
+    _add_release_args(p, split=False)
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--vocab_size", type=int, default=8000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_train_tokenizer)
+
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except release.ReleaseError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""TFDS builder ``bb3x_deployment``: the release prepared as array_record, one config per stream.
+
+Runs without TensorFlow: prepare with ``file_format="array_record"`` and read
+with ``tfds.data_source`` (random access, what grain wants). The release is a
+manual download; ``manual_dir`` is the chunk folder or the tarball.
+
+What each prepared split skipped or dropped is stored in the dataset's
+metadata (``metadata.json``) so a run can report read = used + skipped long
+after preparation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from bb3x_jax.data import extract, release, schema, streams
+from bb3x_jax.data.feedback import DEFAULT_POLICY, FeedbackPolicy
+
+_DESCRIPTION = """
+BlenderBot 3 deployment conversations (Aug 2022 - Feb 2023) with their
+thumbs-up/down feedback, crowdworker annotations and safety/reward
+classifications, as the six example streams of ParlAI's projects/bb3x loader.
+Each example is (context = previous utterances joined by "\\n", label = one
+message) plus the label message's fields and a CRINGE feedback class.
+"""
+
+MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
+Download the release yourself (this project never downloads at run time):
+  {schema.RELEASE_URL}
+(sha256 {schema.TARBALL_SHA256}, published by Meta AI under CC BY 4.0 with the
+BB3x project, https://parl.ai/projects/bb3x). Then pass as manual_dir either
+the tarball itself, a folder holding it, or the unpacked folder with
+release_data_00.jsonl .. release_data_99.jsonl (ParlAI puts them under
+<datapath>/bb3_demo/release_data_chunks/). Example:
+  python -m bb3x_jax.data prepare --manual_dir ~/data/bb3_demo_chunks.tgz --stream bot
+"""
+
+
+@dataclasses.dataclass(eq=False)
+class Bb3xConfig(tfds.core.BuilderConfig):
+    """A stream plus the feedback policy that labels it."""
+
+    stream: str = "bot"
+    policy: FeedbackPolicy = DEFAULT_POLICY
+
+
+def make_config(stream: str, policy: FeedbackPolicy = DEFAULT_POLICY) -> Bb3xConfig:
+    """The builder config for a stream; a non-default policy gets its own name (and data dir)."""
+    spec = streams.stream_spec(stream)
+    name = spec.name if policy == DEFAULT_POLICY else f"{spec.name}-policy{policy.fingerprint()}"
+    return Bb3xConfig(
+        name=name,
+        description=f"Stream '{spec.name}' (label sender {spec.label_sender}); feedback policy {policy.to_dict()}",
+        stream=stream,
+        policy=policy,
+    )
+
+
+def _features() -> tfds.features.FeaturesDict:
+    text = tfds.features.Text
+    return tfds.features.FeaturesDict(
+        {
+            "context": text(doc="Previous utterances joined with a newline."),
+            "label": text(doc="The label message's text."),
+            "feedback": tfds.features.Scalar(np.int32, doc="1 positive, 0 negative, -1 unlabeled."),
+            "feedback_source": text(doc="Which policy rule decided the feedback class."),
+            "chat_id": text(),
+            "user_pseudo_id": text(),
+            "message_index": tfds.features.Scalar(np.int32, doc="Index of the label in message_history."),
+            "adversarial_human": tfds.features.Scalar(np.bool_, doc="Any human message of the chat unsafe."),
+            "label_info": text(doc="The whole label message as JSON (sender normalised); see streams.label_fields."),
+        }
+    )
+
+
+class Bb3xDeployment(tfds.core.GeneratorBasedBuilder):
+    """The BB3 deployment release as six reference example streams."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release: six reference streams, feedback policy, skip reports."}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+    BUILDER_CONFIGS = [make_config(stream) for stream in schema.STREAMS]
+
+    def __init__(
+        self,
+        *,
+        skip_malformed: bool = False,
+        tarball_sha256: str | None = schema.TARBALL_SHA256,
+        num_workers: int = 0,
+        **kwargs: Any,
+    ):
+        self._skip_malformed = skip_malformed
+        self._num_workers = num_workers
+        self._tarball_sha256 = tarball_sha256
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=_DESCRIPTION,
+            features=_features(),
+            homepage="https://parl.ai/projects/bb3x",
+            metadata=tfds.core.MetadataDict(),
+            # Examples are stored in release order (chunk, line, message); the
+            # input pipeline shuffles by seed, so TFDS's own shuffle pass is
+            # skipped (it costs a full extra write of the data).
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        location = release.locate_release(dl_manager.manual_dir)
+        if location.kind == "tarball":
+            # Hash once here; each split then streams the archive without re-hashing.
+            release.check_tarball(location.path, self._tarball_sha256)
+        return {split: self._generate_examples(location, split) for split in schema.SPLITS}
+
+    def _generate_examples(self, location: release.ReleaseLocation, split: str):
+        report = extract.SplitReport()
+        yield from extract.iter_examples(
+            location,
+            split,
+            self.builder_config.stream,
+            self.builder_config.policy,
+            report,
+            skip_malformed=self._skip_malformed,
+            num_workers=self._num_workers,
+            tarball_sha256=None,  # checked in _split_generators
+        )
+        self.info.metadata[split] = report.to_dict()
+
+
+def prepare(
+    manual_dir: str,
+    stream: str = "bot",
+    *,
+    data_dir: str,
+    policy: FeedbackPolicy = DEFAULT_POLICY,
+    skip_malformed: bool = False,
+    tarball_sha256: str | None = schema.TARBALL_SHA256,
+    num_workers: int | None = None,
+) -> Bb3xDeployment:
+    """Prepares (once) and returns the builder for ``stream`` of the release at ``manual_dir``.
+
+    The data lands in ``data_dir/<release fingerprint>/``, so a different or
+    changed release is prepared anew instead of silently reusing stale data.
+    """
+    location = release.locate_release(manual_dir)
+    if location.kind == "tarball":
+        fingerprint = release.release_fingerprint(location, release.check_tarball(location.path, tarball_sha256))
+        tarball_sha256 = None  # just checked
+    else:
+        fingerprint = release.release_fingerprint(location)
+    config = make_config(stream, policy)
+    builder = Bb3xDeployment(
+        config=config.name if policy == DEFAULT_POLICY else config,
+        data_dir=os.path.join(data_dir, f"release-{fingerprint}"),
+        skip_malformed=skip_malformed,
+        tarball_sha256=tarball_sha256,
+        num_workers=extract.default_workers() if num_workers is None else num_workers,
+    )
+    builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(manual_dir=location.path),
+    )
+    return builder
+
+
+def split_report(builder: Bb3xDeployment, split: str) -> dict[str, Any]:
+    """The stored skip/drop/feedback report of a prepared split."""
+    return dict(builder.info.metadata.get(split, {}))
