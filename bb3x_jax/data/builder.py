@@ -78,6 +78,18 @@ def _features() -> tfds.features.FeaturesDict:
     )
 
 
+class EmptySplitError(RuntimeError):
+    """A split of this stream has no examples; TFDS cannot store an empty split."""
+
+    def __init__(self, split: str, report: dict[str, Any]):
+        self.split = split
+        self.report = report
+        super().__init__(
+            f"split {split!r} has no examples (conversations read: {report.get('conversations_read')}, "
+            f"skipped: {report.get('skipped')}, labels dropped: {report.get('dropped_labels')})"
+        )
+
+
 class Bb3xDeployment(tfds.core.GeneratorBasedBuilder):
     """The BB3 deployment release as six reference example streams."""
 
@@ -92,8 +104,12 @@ class Bb3xDeployment(tfds.core.GeneratorBasedBuilder):
         skip_malformed: bool = False,
         tarball_sha256: str | None = schema.TARBALL_SHA256,
         num_workers: int = 0,
+        empty_splits: dict[str, dict[str, Any]] | None = None,
+        release_file: str = "",
         **kwargs: Any,
     ):
+        self._release_file = release_file  # a tarball inside manual_dir with a non-standard name
+        self._empty_splits = dict(empty_splits or {})
         self._skip_malformed = skip_malformed
         self._num_workers = num_workers
         self._tarball_sha256 = tarball_sha256
@@ -113,11 +129,16 @@ class Bb3xDeployment(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        location = release.locate_release(dl_manager.manual_dir)
+        root = os.fspath(dl_manager.manual_dir)
+        location = release.locate_release(os.path.join(root, self._release_file) if self._release_file else root)
         if location.kind == "tarball":
             # Hash once here; each split then streams the archive without re-hashing.
             release.check_tarball(location.path, self._tarball_sha256)
-        return {split: self._generate_examples(location, split) for split in schema.SPLITS}
+        for split, report in self._empty_splits.items():
+            self.info.metadata[split] = report
+        # Small splits first, so discovering an empty one (see prepare) is cheap.
+        order = sorted(schema.SPLITS, key=lambda s: len(schema.SPLIT_CHUNKS[s]))
+        return {s: self._generate_examples(location, s) for s in order if s not in self._empty_splits}
 
     def _generate_examples(self, location: release.ReleaseLocation, split: str):
         report = extract.SplitReport()
@@ -132,6 +153,8 @@ class Bb3xDeployment(tfds.core.GeneratorBasedBuilder):
             tarball_sha256=None,  # checked in _split_generators
         )
         self.info.metadata[split] = report.to_dict()
+        if report.examples == 0:
+            raise EmptySplitError(split, self.info.metadata[split])
 
 
 def prepare(
@@ -156,18 +179,37 @@ def prepare(
     else:
         fingerprint = release.release_fingerprint(location)
     config = make_config(stream, policy)
-    builder = Bb3xDeployment(
-        config=config.name if policy == DEFAULT_POLICY else config,
-        data_dir=os.path.join(data_dir, f"release-{fingerprint}"),
-        skip_malformed=skip_malformed,
-        tarball_sha256=tarball_sha256,
-        num_workers=extract.default_workers() if num_workers is None else num_workers,
-    )
-    builder.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(manual_dir=location.path),
-    )
-    return builder
+    empty: dict[str, dict[str, Any]] = {}
+    while True:
+        built = Bb3xDeployment(
+            config=config.name if policy == DEFAULT_POLICY else config,
+            data_dir=os.path.join(data_dir, f"release-{fingerprint}"),
+            skip_malformed=skip_malformed,
+            tarball_sha256=tarball_sha256,
+            num_workers=extract.default_workers() if num_workers is None else num_workers,
+            empty_splits=empty,
+            release_file=os.path.basename(location.path) if location.kind == "tarball" else "",
+        )
+        try:
+            built.download_and_prepare(
+                file_format="array_record",
+                # TFDS wants a folder: a tarball is passed as its folder plus release_file.
+                download_config=tfds.download.DownloadConfig(
+                    manual_dir=os.path.dirname(location.path) if location.kind == "tarball" else location.path
+                ),
+            )
+            return built
+        except EmptySplitError as error:
+            # A small or filtered release can leave a split empty (TFDS refuses to
+            # write one): prepare again without it; it then reads as 0 examples.
+            if error.split == "train" or len(empty) >= len(schema.SPLITS) - 1:
+                raise
+            empty[error.split] = error.report
+
+
+def num_examples(built: Bb3xDeployment, split: str) -> int:
+    """Examples in a prepared split; 0 for a split that came out empty."""
+    return built.info.splits[split].num_examples if split in built.info.splits else 0
 
 
 def split_report(builder: Bb3xDeployment, split: str) -> dict[str, Any]:

@@ -103,7 +103,7 @@ def locate_release(manual_dir: str | os.PathLike) -> ReleaseLocation:
     """
     path = os.fspath(manual_dir)
     if os.path.isfile(path):
-        if not tarfile.is_tarfile(path):
+        if not _looks_like_tarball(path):
             raise ReleaseError("not_a_release", path, "a file that is not a tar archive")
         return ReleaseLocation("tarball", path)
     if not os.path.isdir(path):
@@ -127,6 +127,13 @@ def locate_release(manual_dir: str | os.PathLike) -> ReleaseLocation:
         path,
         f"found neither release_data_XX.jsonl chunk files nor {schema.TARBALL_NAME}",
     )
+
+
+def _looks_like_tarball(path: str) -> bool:
+    """Magic bytes of gzip/bzip2/xz or a plain tar header (no archive scan)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    return head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00" or head[257:262] == b"ustar"
 
 
 def sha256_file(path: str) -> str:
@@ -285,7 +292,9 @@ def parse_conversation(raw: bytes, where: str) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ReleaseError("invalid_utf8", where, f"byte {e.start}: {e.reason}") from None
     try:
-        convo = json.loads(text)
+        # strict=False admits raw control characters (a raw \r) inside strings,
+        # which some exporters write; they are text, not structure.
+        convo = json.loads(text, strict=False)
     except json.JSONDecodeError as e:
         raise ReleaseError("malformed_json", where, f"column {e.colno}: {e.msg}") from None
     if not isinstance(convo, dict):
