@@ -1,0 +1,117 @@
+"""From the config to batches: release -> prepared TFDS data -> tokenizer -> iterator.
+
+Why a module of its own: main.py's modes (and later training, evaluation and
+iterative CRINGE) all need the same three cached artefacts, built once per
+release and reused: the synthetic release when no real one is configured, the
+prepared dataset (keyed by the release's fingerprint) and the sentencepiece
+model trained on its train split (stored beside the prepared data).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from absl import logging
+from ml_collections import config_dict
+
+from bb3x_jax import config as config_lib
+from bb3x_jax.data import builder as builder_lib
+from bb3x_jax.data import extract, pipeline, synthetic, tokenizer as tokenizer_lib
+
+
+def resolve_release(data: config_dict.ConfigDict, workdir: str) -> str:
+    """The configured release, or the synthetic one written (once) into the workdir."""
+    if data.manual_dir:
+        return os.path.expanduser(data.manual_dir)
+    folder = os.path.join(workdir, "synthetic_release")
+    marker = os.path.join(folder, "SYNTHESIZED.json")
+    wanted = {"conversations": int(data.synthetic.conversations), "seed": int(data.synthetic.seed)}
+    if os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f).get("request") == wanted:
+                return folder
+    logging.info("Writing the synthetic release (%d conversations, seed %d) to %s", *wanted.values(), folder)
+    summary = synthetic.synthesize(folder, wanted["conversations"], wanted["seed"])
+    with open(marker, "w") as f:  # written last: a partial release is never reused
+        json.dump({"request": wanted, "summary": summary}, f, indent=1)
+    return folder
+
+
+def prepare(config: config_dict.ConfigDict, workdir: str) -> builder_lib.Bb3xDeployment:
+    data = config.data
+    sha = None if str(data.tarball_sha256).lower() in ("", "none") else data.tarball_sha256
+    return builder_lib.prepare(
+        resolve_release(data, workdir),
+        data.stream,
+        data_dir=os.path.join(workdir, "tfds"),
+        policy=config_lib.feedback_policy(config),
+        skip_malformed=data.skip_malformed,
+        tarball_sha256=sha,
+        num_workers=extract.default_workers() if data.num_workers < 0 else data.num_workers,
+    )
+
+
+def tokenizer_texts(source, limit: int):
+    """Training text for the tokenizer: each example's label and its context's last turn.
+
+    Labels cover the label sender's messages and last turns the partner's, so
+    both sides' vocabulary is seen without re-reading whole histories.
+    """
+    for i in range(min(len(source), limit)):
+        record = source[i]
+        yield record["label"]
+        context = record["context"]
+        yield context[context.rfind(b"\n") + 1 :] if isinstance(context, bytes) else context.rsplit("\n", 1)[-1]
+
+
+def load_tokenizer(config: config_dict.ConfigDict, built: builder_lib.Bb3xDeployment):
+    """The configured sentencepiece model, or one trained once on the train split."""
+    tok = config.data.tokenizer
+    if tok.path:
+        return tokenizer_lib.SentencePieceTokenizer.load(os.path.expanduser(tok.path))
+    path = os.path.join(str(built.data_dir), f"sentencepiece-v{tok.vocab_size}-n{tok.max_sentences}.model")
+    if os.path.exists(path):
+        return tokenizer_lib.SentencePieceTokenizer.load(path)
+    logging.info("Training a %d-piece sentencepiece model on the train split -> %s", tok.vocab_size, path)
+    source = built.as_data_source("train")
+    return tokenizer_lib.train_sentencepiece(
+        tokenizer_texts(source, tok.max_sentences),
+        path,
+        vocab_size=tok.vocab_size,
+        seed=0,
+        # vocab_size is an upper bound: a small (e.g. synthetic) release gets a smaller model.
+        extra_options={"hard_vocab_limit": False},
+    )
+
+
+def pipeline_config(config: config_dict.ConfigDict, *, train: bool) -> pipeline.PipelineConfig:
+    data = config.data
+    common = dict(
+        text_truncate=data.text_truncate,
+        label_truncate=data.label_truncate,
+        context_buckets=tuple(data.context_buckets),
+        label_buckets=tuple(data.label_buckets),
+        seed=config.seed,
+        prefetch=data.prefetch,
+    )
+    if train:
+        return pipeline.PipelineConfig(global_batch_size=data.batch_size, **common)
+    return pipeline.PipelineConfig.for_eval(data.batch_size, **common)
+
+
+def source(built: builder_lib.Bb3xDeployment, split: str):
+    """Random-access records of a split; an empty split (possible on small releases) is an error here."""
+    if builder_lib.num_examples(built, split) == 0:
+        report = builder_lib.split_report(built, split)
+        raise ValueError(f"split {split!r} of {built.builder_config.name} has no examples: {report}")
+    return built.as_data_source(split)
+
+
+def summary(built: builder_lib.Bb3xDeployment) -> dict[str, Any]:
+    """Per-split examples and reports, as stored with the prepared data."""
+    return {
+        split: builder_lib.split_report(built, split)
+        for split in ("train", "valid", "test")
+    }

@@ -1,0 +1,81 @@
+"""The device mesh and the one table that maps logical axis names to mesh axes.
+
+Every array the project shards names its dimensions logically (``batch``,
+``embed``, ``mlp``...); ``LOGICAL_RULES`` alone decides where each goes on the
+mesh ``('data', 'fsdp', 'tensor')``. The same code then runs on 1 CPU, 8
+simulated devices, one GPU or a pod: only the mesh shape changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (or axes, or None for replicated). Batch rows are
+# split over both data-parallel axes; weights are split over fsdp on their
+# model dimension and over tensor on their wide dimension (heads, mlp, vocab).
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "heads": "tensor",
+    "kv": None,
+    "mlp": "tensor",
+    "layers": None,
+}
+
+
+def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
+    """Resolves -1 (at most one axis) so that the product equals the device count."""
+    shape = [int(sizes[a]) for a in MESH_AXES]
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))}: {num_devices} devices not divisible by {known}")
+        shape[shape.index(-1)] = num_devices // known
+    if int(np.prod(shape)) != num_devices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, have {num_devices}")
+    return tuple(shape)
+
+
+def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(sizes, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], mesh: Mesh | None = None) -> PartitionSpec:
+    """PartitionSpec for an array whose dimensions have these logical names.
+
+    Mesh axes of size 1 (or absent from ``mesh``) are dropped, so specs stay
+    minimal on small meshes; an unknown logical name is an error.
+    """
+    spec = []
+    for name in logical_axes:
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in LOGICAL_RULES:
+            raise KeyError(f"logical axis {name!r} has no rule; known: {', '.join(LOGICAL_RULES)}")
+        target = LOGICAL_RULES[name]
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        if mesh is not None:
+            axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+        spec.append(axes[0] if len(axes) == 1 else (axes or None))
+    return PartitionSpec(*spec)
+
+
+def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None]) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical_axes, mesh))
+
+
+def batch_size_multiple(mesh: Mesh) -> int:
+    """Global batches must be a multiple of this (rows per batch-sharded device group)."""
+    target = LOGICAL_RULES["batch"]
+    return int(np.prod([mesh.shape[a] for a in target if a in mesh.shape]))

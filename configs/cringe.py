@@ -1,0 +1,54 @@
+"""The main job's configuration: one ml_collections tree, validated at start-up.
+
+Override any leaf on the command line, e.g.
+    python main.py --config configs/cringe.py --config.data.batch_size=32
+An unknown key or a value of the wrong type fails at start-up with its name
+(ml_collections), and bb3x_jax.config.validate checks values and their
+relations (also naming the key).
+"""
+
+from ml_collections import config_dict
+
+from bb3x_jax.data import schema
+from bb3x_jax.data.feedback import DEFAULT_POLICY
+
+
+def get_config() -> config_dict.ConfigDict:
+    config = config_dict.ConfigDict()
+    config.seed = 0
+
+    data = config_dict.ConfigDict()
+    # '' -> the synthetic release is written into the workdir and used.
+    data.manual_dir = ""
+    data.stream = "bot"
+    data.skip_malformed = False
+    # Expected sha256 of a release tarball; 'none' skips the check (self-made tarballs).
+    data.tarball_sha256 = schema.TARBALL_SHA256
+    data.num_workers = -1  # parser processes for preparation (-1: auto, 0: inline)
+    data.synthetic = config_dict.ConfigDict({"conversations": 2000, "seed": 0})
+    data.policy = config_dict.ConfigDict(DEFAULT_POLICY.to_dict())
+    # reward thresholds are floats or None; tell ml_collections their type.
+    data.policy.reward_negative_threshold = config_dict.placeholder(float)
+    data.policy.reward_positive_threshold = config_dict.placeholder(float)
+    data.tokenizer = config_dict.ConfigDict(
+        {
+            "kind": "sentencepiece",
+            "path": "",  # '' -> trained on the train split, cached beside the prepared data
+            "vocab_size": 4000,
+            "max_sentences": 200_000,
+        }
+    )
+    data.text_truncate = 128
+    data.label_truncate = 32
+    data.context_buckets = (32, 64, 128)
+    data.label_buckets = (32,)
+    data.batch_size = 32  # global batch, split over processes and the batch mesh axes
+    data.prefetch = 2
+    config.data = data
+
+    # Device mesh: axis sizes; -1 takes the devices the other axes leave.
+    config.mesh = config_dict.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+
+    # --mode=data: how many batches the sharded data check runs through.
+    config.data_check = config_dict.ConfigDict({"batches": 50})
+    return config
