@@ -157,7 +157,9 @@ def _flatten(encoded: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return flat, lengths
 
 
-def _encode_context_rows(texts: list[str], tokenizer: Tokenizer, text_truncate: int, chars_per_token: float) -> _TokenRows:
+def _encode_context_rows(
+    texts: list[str], tokenizer: Tokenizer, text_truncate: int, chars_per_token: float
+) -> _TokenRows:
     """Vectorised ``encode_contexts`` (same result, row by row).
 
     One round: each example's trailing turns that cover ``text_truncate *
@@ -168,6 +170,8 @@ def _encode_context_rows(texts: list[str], tokenizer: Tokenizer, text_truncate: 
     multi-round ``encode_contexts``, in one more batched call.
     """
     n, T = len(texts), text_truncate
+    if n == 0:
+        return _TokenRows(np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64))
     delim = np.asarray(tokenizer.delimiter_ids, dtype=np.int32)
     dl = len(delim)
     budget = max(1, int(T * chars_per_token))
@@ -187,13 +191,13 @@ def _encode_context_rows(texts: list[str], tokenizer: Tokenizer, text_truncate: 
     seg = tl + dl * not_last  # each turn followed by a delimiter, except the last
     seg_end = np.cumsum(seg)
     seg_start = seg_end - seg
-    stream = np.empty(int(seg_end[-1]) if n else 0, np.int32)
+    stream = np.empty(int(seg_end[-1]), np.int32)
     tok_start = np.cumsum(tl) - tl
     stream[np.repeat(seg_start - tok_start, tl) + np.arange(len(tokens))] = tokens
     if dl:
         stream[(seg_start + tl)[not_last][:, None] + np.arange(dl)] = delim
     ex_end = seg_end[last]
-    ex_len = ex_end - np.concatenate([[0], ex_end[:-1]])
+    ex_len = np.diff(ex_end, prepend=0)
     lengths = np.minimum(ex_len, T)
     starts = ex_end - lengths
     short = np.flatnonzero((ex_len < T) & (cuts >= 0))
@@ -240,8 +244,7 @@ def _pick_bucket(buckets: tuple[int, ...], longest: int) -> int:
 
 
 def jax_length_sync(local_max: np.ndarray) -> np.ndarray:
-    """Global max of per-process lengths (a collective: call from the main thread,
-    i.e. use ``prefetch=0`` with it)."""
+    """Global max of per-process lengths: a collective, hence ``prefetch=0``."""
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(np.asarray(local_max, np.int32))).reshape(-1, 2).max(axis=0)
@@ -337,6 +340,11 @@ class BatchIterator:
                 "several buckets with several processes need length_sync (e.g. jax_length_sync) "
                 "so that all processes pick the same shapes"
             )
+        if length_sync is not None and config.prefetch > 0:
+            # A sync is a collective: every process must issue it in the same
+            # order relative to the train step's collectives, which a background
+            # thread does not guarantee.
+            raise ValueError("length_sync needs prefetch=0 (it must run in the calling thread)")
         self._source = source
         self._getitems = getattr(source, "__getitems__", None)
         self._tokenizer = tokenizer
@@ -515,6 +523,7 @@ class BatchIterator:
             chars = sum(len(t) for t, u in zip(labels, untruncated) if u)
             # Slightly generous (x1.1) so that few examples need a second try.
             self._chars_per_token = 0.7 * self._chars_per_token + 0.3 * 1.1 * chars / toks
+
 
 def measure_throughput(source, tokenizer: Tokenizer, config: PipelineConfig, num_batches: int, *,
                        warmup_batches: int = 1, **iterator_kwargs) -> dict:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -45,7 +46,9 @@ class Tokenizer(Protocol):
     ``encode`` never emits pad/start/end; it splits its input on ``"\\n"`` and
     joins the per-turn encodings with ``delimiter_ids`` (module docstring).
     ``decode`` skips pad ids only: it does not stop at ``end_id`` (callers that
-    decode generations cut there themselves).
+    decode generations cut there themselves). An implementation may also offer
+    ``encode_batch_numpy(texts) -> list[np.ndarray]`` (int32); the input
+    pipeline uses it when present.
     """
 
     @property
@@ -111,13 +114,21 @@ class SentencePieceTokenizer:
         # so this is the only parallelism inside one Python process).
         self._num_threads = int(num_threads) if num_threads is not None else min(4, os.cpu_count() or 1)
         self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
-        # A persistent pool avoids spawning threads on every batched call.
+        # A persistent pool avoids spawning threads on every batched call; the
+        # lock keeps two Python threads (prefetcher, main) off it at once.
         self._pool = spm.ThreadPool(self._num_threads) if hasattr(spm, "ThreadPool") and self._num_threads > 1 else None
+        self._pool_lock = threading.Lock()
+        try:  # numpy output needs sentencepiece >= 0.2.1
+            self._numpy_out = isinstance(self._sp.encode(["a"], out_type="numpy")[0], np.ndarray)
+        except (TypeError, ValueError, RuntimeError):
+            self._numpy_out = False
         expected = {PAD_ID: PAD_TOKEN, START_ID: START_TOKEN, END_ID: END_TOKEN, UNK_ID: UNK_TOKEN}
         for i, piece in expected.items():
             got = self._sp.id_to_piece(i)
             if got != piece:
-                raise ValueError(f"sentencepiece id {i} is {got!r}, expected {piece!r} (train with train_sentencepiece)")
+                raise ValueError(
+                    f"sentencepiece id {i} is {got!r}, expected {piece!r} (train with train_sentencepiece)"
+                )
         delim = self._sp.piece_to_id(DELIMITER)
         if delim == UNK_ID or self._sp.id_to_piece(delim) != DELIMITER:
             raise ValueError("sentencepiece model lacks the '\\n' delimiter piece (train with train_sentencepiece)")
@@ -166,13 +177,14 @@ class SentencePieceTokenizer:
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
 
-    def _encode_lines(self, lines: list[str]) -> list[list[int]]:
+    def _encode_lines(self, lines: list[str], out_type=int) -> list:
         """Batched encode of strings that contain no delimiter."""
         if not lines:
             return []
         if self._pool is not None and len(lines) > 1:
-            return self._sp.encode(lines, out_type=int, thread_pool=self._pool)
-        return self._sp.encode(lines, out_type=int, num_threads=1)
+            with self._pool_lock:
+                return self._sp.encode(lines, out_type=out_type, thread_pool=self._pool)
+        return self._sp.encode(lines, out_type=out_type, num_threads=1)
 
     def encode(self, text: str) -> list[int]:
         return self.encode_batch([text])[0]
@@ -181,13 +193,9 @@ class SentencePieceTokenizer:
         """``encode_batch`` as int32 arrays: optional fast path the input pipeline
         uses when present (saves building Python ints for every token)."""
         texts = [t.decode("utf-8") if isinstance(t, bytes) else t for t in texts]
-        if not texts:
-            return []
-        if any(DELIMITER in t for t in texts):
+        if not self._numpy_out or any(DELIMITER in t for t in texts):
             return [np.asarray(ids, dtype=np.int32) for ids in self.encode_batch(texts)]
-        if self._pool is not None and len(texts) > 1:
-            return self._sp.encode(texts, out_type="numpy", thread_pool=self._pool)
-        return self._sp.encode(texts, out_type="numpy", num_threads=1)
+        return self._encode_lines(texts, out_type="numpy")
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         texts = [t.decode("utf-8") if isinstance(t, bytes) else t for t in texts]

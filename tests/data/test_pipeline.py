@@ -3,6 +3,7 @@ resume, and placement on a device mesh."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from bb3x_jax.data.pipeline import (
+    BATCH_KEYS,
     BatchIterator,
     PipelineConfig,
     _encode_context_rows,
@@ -58,7 +60,7 @@ def test_fixed_shapes_and_dtypes(source, tokenizer):
     cfg = PipelineConfig(global_batch_size=8, text_truncate=48, label_truncate=12, seed=1)
     with make_iter(source, tokenizer, cfg) as it:
         for batch in batches(it, 20):
-            assert set(batch) == {"context_ids", "label_ids", "feedback", "valid", "index"}
+            assert set(batch) == set(BATCH_KEYS)
             assert batch["context_ids"].shape == (8, 48) and batch["context_ids"].dtype == np.int32
             assert batch["label_ids"].shape == (8, 12) and batch["label_ids"].dtype == np.int32
             assert batch["feedback"].shape == (8,) and batch["feedback"].dtype == np.int32
@@ -92,10 +94,10 @@ def test_vectorised_encoders_match_reference(source, tokenizer, chars_per_token)
         rows = _encode_context_rows(texts, tokenizer, T, chars_per_token)
         ref = pad_rows([tokenizer.encode(t)[-T:] for t in texts], len(texts) + 3, T)
         np.testing.assert_array_equal(rows.padded(len(texts) + 3, T, 0), ref)
-        labels = rows_labels = _encode_label_rows(texts, tokenizer, T)
+        labels = _encode_label_rows(texts, tokenizer, T)
         np.testing.assert_array_equal(labels.padded(len(texts), T, 0),
                                       pad_rows([encode_label(t, tokenizer, T) for t in texts], len(texts), T))
-        assert rows_labels.longest() <= T
+        assert labels.longest() <= T
     empty = _encode_context_rows([], tokenizer, 8, 4.0)
     assert empty.padded(2, 8, 0).shape == (2, 8) and not empty.padded(2, 8, 0).any()
 
@@ -115,8 +117,10 @@ def test_buckets_pick_smallest_fitting_length(tokenizer, example_factory):
                 assert lc in cfg.context_buckets and ll in cfg.label_buckets
                 longest_c = int((batch["context_ids"] != 0).sum(1).max())
                 longest_l = int((batch["label_ids"] != 0).sum(1).max())
-                assert longest_c <= lc and (lc == 16 or longest_c > cfg.context_buckets[cfg.context_buckets.index(lc) - 1])
-                assert longest_l <= ll and (ll == 4 or longest_l > cfg.label_buckets[cfg.label_buckets.index(ll) - 1])
+                smaller_c = [b for b in cfg.context_buckets if b < lc]
+                smaller_l = [b for b in cfg.label_buckets if b < ll]
+                assert longest_c <= lc and all(longest_c > b for b in smaller_c)
+                assert longest_l <= ll and all(longest_l > b for b in smaller_l)
     assert 64 in seen and len(seen) >= 2
 
 
@@ -209,6 +213,8 @@ def test_multiprocess_buckets_need_length_sync(source, tokenizer):
         seen.append(np.asarray(local).tolist())
         return np.array([60, 3])
 
+    with pytest.raises(ValueError):  # a collective may not run in the prefetch thread
+        make_iter(source, tokenizer, dataclasses.replace(cfg, prefetch=2), p=0, P=2, length_sync=fake_sync)
     with make_iter(source, tokenizer, cfg, p=1, P=2, length_sync=fake_sync) as it:
         batch = next(it)
     assert batch["context_ids"].shape == (4, 64) and batch["label_ids"].shape == (4, 16)

@@ -1,0 +1,71 @@
+"""The data command line: stats prints one JSON object, display is readable, synthesize packs a tarball."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bb3x_jax.data import schema
+from tests.data import release_fixtures as fx
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_cli(*args, check=True):
+    return subprocess.run(
+        [sys.executable, "-m", "bb3x_jax.data", *args], cwd=REPO, capture_output=True, text=True, check=check
+    )
+
+
+@pytest.mark.parametrize("stream, split", [("bot", "train"), ("human", "test"), ("crowdworkers_human", "train")])
+def test_stats_prints_one_json_object_with_hand_counts(tmp_path, stream, split):
+    """stdout is exactly one JSON object whose counts equal the hand-worked ones."""
+    folder = fx.write_release(str(tmp_path / "rel"))
+    out = run_cli("stats", "--manual_dir", folder, "--stream", stream, "--split", split, "--workers", "0")
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1
+    stats = json.loads(lines[0])
+    assert stats["examples"] == fx.EXPECTED[stream][split]
+    assert stats["examples"] == stats["positive"] + stats["negative"] + stats["unlabeled"]
+    assert stats["conversations"] == {"train": 2, "valid": 1, "test": 1}[split]
+    assert stats["skipped"] == 0
+    assert stats["reference_examples"] == schema.REFERENCE_COUNTS[stream][schema.SPLITS.index(split)]
+
+
+def test_stats_skip_malformed_and_error_exit(tmp_path):
+    """A bad line exits 2 with file:line on stderr; --skip_malformed counts it instead."""
+    folder = fx.write_release(str(tmp_path / "rel"), extra_lines={8: [b"{oops"]})
+    failed = run_cli("stats", "--manual_dir", folder, "--workers", "0", check=False)
+    assert failed.returncode == 2 and "release_data_08.jsonl:1: malformed_json" in failed.stderr
+    stats = json.loads(run_cli("stats", "--manual_dir", folder, "--skip_malformed", "--workers", "0").stdout)
+    assert stats["skipped"] == 1 and stats["skipped_by_reason"] == {"malformed_json": 1}
+    assert stats["conversations_read"] == stats["conversations_used"] + stats["skipped"]
+
+
+def test_display_shows_context_label_and_feedback(tmp_path):
+    """display prints each example's ids, feedback verdict, context turns and label."""
+    folder = fx.write_release(str(tmp_path / "rel"))
+    out = run_cli("display", "--manual_dir", folder, "--stream", "bot", "--split", "train", "-n", "5").stdout
+    assert out.count("=== chat") == 4
+    assert "feedback: positive (rule: like)" in out
+    assert "> bot: the moon is made of rock" in out and "| I like cooking pasta" in out
+
+
+def test_synthesize_then_stats_on_the_tarball(tmp_path):
+    """A synthesized release packed as a tarball reads back through stats with --sha256."""
+    out_dir = str(tmp_path / "syn")
+    summary = json.loads(run_cli("synthesize", "--out", out_dir, "--conversations", "150", "--seed", "3", "--tarball").stdout)
+    assert sorted(f for f in os.listdir(out_dir) if f.endswith(".jsonl") and f.startswith("release_data")) == [
+        schema.CHUNK_TEMPLATE.format(c) for c in range(100)
+    ]
+    folder_stats = json.loads(run_cli("stats", "--manual_dir", out_dir, "--workers", "0").stdout)
+    tar_stats = json.loads(
+        run_cli("stats", "--manual_dir", summary["tarball"], "--sha256", summary["tarball_sha256"], "--workers", "0").stdout
+    )
+    for key in ("examples", "positive", "negative", "unlabeled", "conversations"):
+        assert folder_stats[key] == tar_stats[key]
+    assert folder_stats["examples"] > 0

@@ -1,0 +1,53 @@
+"""Configuration: the default tree validates, bad values fail naming their key."""
+
+from __future__ import annotations
+
+import pytest
+
+from bb3x_jax import config as config_lib
+from configs import cringe
+
+
+def test_default_config_is_valid():
+    """The shipped config passes validation and yields the default feedback policy."""
+    config = config_lib.validate(cringe.get_config())
+    assert config_lib.feedback_policy(config).order[0] == "canned"
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("data.stream", "bots", "data.stream"),
+        ("data.context_buckets", (64, 32), "data.context_buckets"),
+        ("data.context_buckets", (32, 64), "below the truncation"),
+        ("data.label_truncate", 1, "data.label_truncate"),
+        ("mesh.fsdp", 0, "mesh.fsdp"),
+        ("data.tokenizer.kind", "bpe", "data.tokenizer.kind"),
+    ],
+)
+def test_bad_values_name_their_key(key, value, message):
+    """Each invalid value is reported with the dotted key that holds it."""
+    config = cringe.get_config()
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(config)
+
+
+def test_bad_policy_is_reported_under_data_policy():
+    """A feedback policy with an unknown rule fails as config.data.policy."""
+    config = cringe.get_config()
+    config.data.policy.order = ["likes"]
+    with pytest.raises(config_lib.ConfigError, match="config.data.policy: unknown feedback rule"):
+        config_lib.validate(config)
+
+
+def test_two_free_mesh_axes_are_rejected():
+    """Only one mesh axis may take 'the remaining devices'."""
+    config = cringe.get_config()
+    config.mesh.fsdp = -1
+    with pytest.raises(config_lib.ConfigError, match="at most one axis"):
+        config_lib.validate(config)

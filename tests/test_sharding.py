@@ -1,0 +1,37 @@
+"""The mesh and the logical-axis rules table."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from bb3x_jax import sharding
+
+
+def test_mesh_fills_the_free_axis():
+    """-1 takes whatever devices the other axes leave."""
+    assert sharding.mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
+    assert sharding.mesh_shape({"data": 1, "fsdp": -1, "tensor": 1}, 8) == (1, 8, 1)
+
+
+def test_mesh_that_does_not_fit_is_refused():
+    """A mesh whose size differs from the device count fails with both numbers."""
+    with pytest.raises(ValueError, match="needs 4 devices, have 8"):
+        sharding.mesh_shape({"data": 2, "fsdp": 2, "tensor": 1}, 8)
+    with pytest.raises(ValueError, match="not divisible"):
+        sharding.mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
+
+
+def test_rules_drop_trivial_axes_on_a_one_device_mesh():
+    """On one device every spec collapses to replicated; without a mesh the full rule shows."""
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    assert sharding.logical_to_spec(("batch", "length"), mesh) == P(None, None)
+    assert sharding.logical_to_spec(("batch", "length")) == P(("data", "fsdp"), None)
+    assert sharding.logical_to_spec(("embed", "mlp")) == P("fsdp", "tensor")
+
+
+def test_unknown_logical_axis_is_an_error():
+    """A typo in a logical axis name is caught, not silently replicated."""
+    with pytest.raises(KeyError, match="'embd'"):
+        sharding.logical_to_spec(("embd",))
