@@ -51,6 +51,7 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
         _require(buckets[-1] >= truncate, f"data.{key}", f"largest bucket {buckets[-1]} is below the truncation {truncate}")
     _require(data.batch_size > 0, "data.batch_size", "must be positive")
     _require(data.prefetch >= 0, "data.prefetch", "must be >= 0")
+    _require(data.pipeline_workers >= 0, "data.pipeline_workers", "must be >= 0")
     for axis in ("data", "fsdp", "tensor"):
         size = config.mesh[axis]
         _require(size == -1 or size >= 1, f"mesh.{axis}", f"must be -1 or a positive size, got {size}")

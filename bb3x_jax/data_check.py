@@ -51,7 +51,8 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
             f"config.data.batch_size={config.data.batch_size} must be a multiple of the {multiple} batch shards "
             f"x {jax.process_count()} processes of mesh {dict(mesh.shape)}"
         )
-    iterator = pipeline.BatchIterator(dataset.source(built, "train"), tok, dataset.pipeline_config(config, train=True))
+    train_source = dataset.batch_source(config, built, tok, "train")
+    iterator = pipeline.BatchIterator(train_source, tok, dataset.pipeline_config(config, train=True))
     row = sharding.logical_sharding(mesh, ("batch",))
     matrix = sharding.logical_sharding(mesh, ("batch", "length"))
     shardings = {"context_ids": matrix, "label_ids": matrix, "feedback": row, "valid": row, "index": row}

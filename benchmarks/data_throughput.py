@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 
-from bb3x_jax.data import builder, dataset, extract, pipeline, synthetic
+from bb3x_jax.data import builder, dataset, extract, pipeline, synthetic, token_cache
 from bb3x_jax.data import tokenizer as tokenizer_lib
 
 
@@ -28,8 +28,8 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=50_000)
     parser.add_argument("--workdir", default="/tmp/bb3x_bench")
     parser.add_argument("--workers", type=int, default=-1)
-    parser.add_argument("--batches", type=int, default=300)
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=150)
+    parser.add_argument("--batch_size", type=int, default=256)
     args = parser.parse_args()
     import tensorflow_datasets as tfds
 
@@ -53,14 +53,23 @@ def main() -> None:
     conversations = sum(builder.split_report(built, s)["conversations_read"] for s in ("train", "valid", "test"))
 
     model = os.path.join(args.workdir, "bench.model")
-    source = built.as_data_source("train")
+    source = dataset.source(built, "train")
     start = time.perf_counter()
     tok = tokenizer_lib.train_sentencepiece(
         dataset.tokenizer_texts(source, 200_000), model, vocab_size=8000, extra_options={"hard_vocab_limit": False}
     )
     tokenizer_s = time.perf_counter() - start
-    config = pipeline.PipelineConfig(global_batch_size=args.batch_size, text_truncate=128, label_truncate=32, prefetch=0)
-    throughput = pipeline.measure_throughput(source, tok, config, args.batches)
+    results = {}
+    for workers in (0, 2):  # tokenizing on the fly, in-process and in 2 worker processes
+        config = pipeline.PipelineConfig(global_batch_size=args.batch_size, prefetch=2, workers=workers)
+        results[f"on_the_fly_workers{workers}"] = pipeline.measure_throughput(source, tok, config, args.batches, warmup_batches=4)
+    cache_path = token_cache.cache_dir(args.workdir, "bench-train", tok, 128, 32)
+    shutil.rmtree(cache_path, ignore_errors=True)
+    start = time.perf_counter()
+    cached = token_cache.build(source, tok, 128, 32, cache_path, workers=workers)
+    cache_s = time.perf_counter() - start
+    config = pipeline.PipelineConfig(global_batch_size=args.batch_size, prefetch=2)
+    results["token_cache"] = pipeline.measure_throughput(cached, tok, config, args.batches, warmup_batches=4)
 
     print(json.dumps({
         "conversations": conversations,
@@ -71,9 +80,14 @@ def main() -> None:
         "prepare_examples_per_s": round(examples / prepare_s, 1),
         "examples": examples,
         "projected_real_release_prepare_min": round(261_000 / (conversations / prepare_s) / 60, 1),
+        # The real release's bot stream has 2,851,540 examples in all splits (reference counts).
+        "projected_real_bot_stream_prepare_min": round(2_851_540 / (examples / prepare_s) / 60, 1),
         "tokenizer_train_s": round(tokenizer_s, 1),
         "tokenizer_vocab": tok.vocab_size,
-        "pipeline": throughput,
+        "token_cache_build_s": round(cache_s, 1),
+        "token_cache_build_examples_per_s": round(len(cached) / cache_s, 1),
+        "pipeline_examples_per_s": {k: round(v["examples_per_s"], 1) for k, v in results.items()},
+        "pipeline": results,
     }))
 
 

@@ -43,7 +43,11 @@ def get_config() -> config_dict.ConfigDict:
     data.context_buckets = (32, 64, 128)
     data.label_buckets = (32,)
     data.batch_size = 32  # global batch, split over processes and the batch mesh axes
-    data.prefetch = 2
+    data.prefetch = 2  # batches prepared ahead in a background thread
+    data.pipeline_workers = 0  # processes that build batches (0: in the main process)
+    # Tokenize each split once into memory-mapped token files (reused while the
+    # tokenizer and truncation stay the same); False tokenizes on the fly.
+    data.token_cache = True
     config.data = data
 
     # Device mesh: axis sizes; -1 takes the devices the other axes leave.

@@ -154,14 +154,17 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train_tokenizer(args) -> None:
-    from bb3x_jax.data import builder, tokenizer
+    from bb3x_jax.data import builder, dataset, records, tokenizer
 
     built = builder.prepare(
-        args.manual_dir, args.stream, data_dir=args.data_dir, skip_malformed=args.skip_malformed,
-        tarball_sha256=_sha(args), num_workers=_workers(args),
+        args.manual_dir, args.stream, data_dir=args.data_dir, policy=_policy(args),
+        skip_malformed=args.skip_malformed, tarball_sha256=_sha(args), num_workers=_workers(args),
     )
-    path = tokenizer.train_on_prepared(built, args.out, vocab_size=args.vocab_size, seed=args.seed)
-    print(json.dumps({"model": path, "vocab_size": args.vocab_size}))
+    texts = dataset.tokenizer_texts(records.TrainingRecords.of(built, "train"), args.max_sentences)
+    tok = tokenizer.train_sentencepiece(
+        texts, args.out, vocab_size=args.vocab_size, seed=args.seed, extra_options={"hard_vocab_limit": False}
+    )
+    print(json.dumps({"model": args.out, "vocab_size": tok.vocab_size, "prepared_dir": str(built.data_dir)}))
 
 
 def main(argv=None) -> None:
@@ -193,7 +196,8 @@ def main(argv=None) -> None:
     _add_release_args(p, split=False)
     p.add_argument("--data_dir", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--vocab_size", type=int, default=8000)
+    p.add_argument("--vocab_size", type=int, default=8000, help="upper bound (small corpora get fewer pieces)")
+    p.add_argument("--max_sentences", type=int, default=200_000, help="first N examples of the train split")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_train_tokenizer)
 

@@ -18,7 +18,7 @@ from ml_collections import config_dict
 
 from bb3x_jax import config as config_lib
 from bb3x_jax.data import builder as builder_lib
-from bb3x_jax.data import extract, pipeline, synthetic, tokenizer as tokenizer_lib
+from bb3x_jax.data import extract, pipeline, records, synthetic, token_cache, tokenizer as tokenizer_lib
 
 
 def resolve_release(data: config_dict.ConfigDict, workdir: str) -> str:
@@ -53,17 +53,19 @@ def prepare(config: config_dict.ConfigDict, workdir: str) -> builder_lib.Bb3xDep
     )
 
 
-def tokenizer_texts(source, limit: int):
+def tokenizer_texts(source, limit: int, block: int = 1024):
     """Training text for the tokenizer: each example's label and its context's last turn.
 
     Labels cover the label sender's messages and last turns the partner's, so
-    both sides' vocabulary is seen without re-reading whole histories.
+    both sides' vocabulary is seen without re-reading whole histories. The
+    first ``limit`` examples in stored (release) order: deterministic.
     """
-    for i in range(min(len(source), limit)):
-        record = source[i]
-        yield record["label"]
-        context = record["context"]
-        yield context[context.rfind(b"\n") + 1 :] if isinstance(context, bytes) else context.rsplit("\n", 1)[-1]
+    total = min(len(source), limit)
+    for start in range(0, total, block):
+        for record in source.__getitems__(range(start, min(start + block, total))):
+            yield record["label"]
+            context = record["context"]
+            yield context[context.rfind(b"\n") + 1 :] if isinstance(context, bytes) else context.rsplit("\n", 1)[-1]
 
 
 def load_tokenizer(config: config_dict.ConfigDict, built: builder_lib.Bb3xDeployment):
@@ -75,7 +77,7 @@ def load_tokenizer(config: config_dict.ConfigDict, built: builder_lib.Bb3xDeploy
     if os.path.exists(path):
         return tokenizer_lib.SentencePieceTokenizer.load(path)
     logging.info("Training a %d-piece sentencepiece model on the train split -> %s", tok.vocab_size, path)
-    source = built.as_data_source("train")
+    source = records.TrainingRecords.of(built, "train")
     return tokenizer_lib.train_sentencepiece(
         tokenizer_texts(source, tok.max_sentences),
         path,
@@ -95,18 +97,32 @@ def pipeline_config(config: config_dict.ConfigDict, *, train: bool) -> pipeline.
         label_buckets=tuple(data.label_buckets),
         seed=config.seed,
         prefetch=data.prefetch,
+        workers=data.pipeline_workers,
     )
     if train:
         return pipeline.PipelineConfig(global_batch_size=data.batch_size, **common)
     return pipeline.PipelineConfig.for_eval(data.batch_size, **common)
 
 
-def source(built: builder_lib.Bb3xDeployment, split: str):
-    """Random-access records of a split; an empty split (possible on small releases) is an error here."""
+def source(built: builder_lib.Bb3xDeployment, split: str) -> records.TrainingRecords:
+    """The split's (context, label, feedback) records; an empty split (possible on small releases) is an error."""
     if builder_lib.num_examples(built, split) == 0:
         report = builder_lib.split_report(built, split)
         raise ValueError(f"split {split!r} of {built.builder_config.name} has no examples: {report}")
-    return built.as_data_source(split)
+    return records.TrainingRecords.of(built, split)
+
+
+def batch_source(config: config_dict.ConfigDict, built: builder_lib.Bb3xDeployment, tok, split: str):
+    """What the pipeline reads for ``split``: the token cache (built once) or the raw records."""
+    records_source = source(built, split)
+    data = config.data
+    if not data.token_cache:
+        return records_source
+    path = token_cache.cache_dir(str(built.data_dir), split, tok, data.text_truncate, data.label_truncate)
+    if not os.path.exists(os.path.join(path, "meta.json")):
+        logging.info("Tokenizing split %s once into %s", split, path)
+    workers = extract.default_workers() if data.num_workers < 0 else data.num_workers
+    return token_cache.build(records_source, tok, data.text_truncate, data.label_truncate, path, workers=workers)
 
 
 def summary(built: builder_lib.Bb3xDeployment) -> dict[str, Any]:

@@ -12,12 +12,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-import multiprocessing
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from bb3x_jax.data import release, schema, streams
+from bb3x_jax.data import parallel, release, schema, streams
 from bb3x_jax.data.feedback import FeedbackPolicy
 
 _LINES_PER_TASK = 64
@@ -80,8 +78,7 @@ def _batched(iterable, size):
         yield batch
 
 
-def default_workers() -> int:
-    return max(1, min(4, (os.cpu_count() or 1)))
+default_workers = parallel.default_workers
 
 
 def iter_examples(
@@ -104,25 +101,14 @@ def iter_examples(
     streams.stream_spec(stream)  # fail early on a bad name
     lines = release.iter_chunk_lines(location, schema.SPLIT_CHUNKS[split], tarball_sha256=tarball_sha256)
     batches = _batched(lines, _LINES_PER_TASK)
-    if num_workers <= 0:
-        _init_worker(stream, policy, skip_malformed)
-        results = map(_process_lines, batches)
-        yield from _consume(results, report)
-        return
-    context = multiprocessing.get_context("spawn")  # fork is unsafe once JAX threads exist
-    with context.Pool(num_workers, initializer=_init_worker, initargs=(stream, policy, skip_malformed)) as pool:
-        yield from _consume(_bounded_map(pool, batches, 4 * num_workers), report)
-
-
-def _bounded_map(pool, batches, max_pending: int):
-    """Ordered pool map that reads ahead at most ``max_pending`` batches (bounded memory)."""
-    pending: collections.deque = collections.deque()
-    for batch in batches:
-        pending.append(pool.apply_async(_process_lines, (batch,)))
-        if len(pending) >= max_pending:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
+    results = parallel.ordered_map(
+        _process_lines,
+        batches,
+        workers=num_workers,
+        initializer=_init_worker,
+        initargs=(stream, policy, skip_malformed),
+    )
+    yield from _consume(results, report)
 
 
 def _consume(results, report: SplitReport):

@@ -65,7 +65,9 @@ class PipelineConfig:
     ``context_buckets``/``label_buckets`` default to ``(text_truncate,)`` /
     ``(label_truncate,)``: one shape, one compilation. ``num_epochs=None``
     repeats forever. ``drop_remainder=True`` (training) drops each epoch's last
-    partial batch; False (eval) pads it with invalid rows. ``prefetch`` is the
+    partial batch; False (eval) pads it with invalid rows. ``workers`` > 0
+    builds batches in that many spawned processes (each batch is a pure
+    function of its position, so the output is identical); ``prefetch`` is the
     number of batches a background thread prepares ahead (0: none).
     """
 
@@ -79,12 +81,15 @@ class PipelineConfig:
     num_epochs: int | None = None
     drop_remainder: bool = True
     prefetch: int = 2
+    workers: int = 0
 
     def __post_init__(self):
         if self.global_batch_size <= 0:
             raise ValueError("global_batch_size must be positive")
         if self.text_truncate <= 0 or self.label_truncate <= 0:
             raise ValueError("text_truncate and label_truncate must be positive")
+        if self.workers < 0 or self.prefetch < 0:
+            raise ValueError("workers and prefetch must be >= 0")
         if self.num_epochs is not None and self.num_epochs < 0:
             raise ValueError("num_epochs must be None or >= 0")
         if not 0 <= self.seed < 2**64:
@@ -298,6 +303,57 @@ class _Prefetcher:
             self._thread.join()
 
 
+_WORKER_ITERATOR: "BatchIterator | None" = None
+
+
+def _worker_init(source, tokenizer, config, process_index, process_count) -> None:
+    global _WORKER_ITERATOR
+    config = dataclasses.replace(config, prefetch=0, workers=0)
+    _WORKER_ITERATOR = BatchIterator(source, tokenizer, config, process_index=process_index, process_count=process_count)
+
+
+def _worker_produce(pos):
+    return _WORKER_ITERATOR._produce(pos)
+
+
+class _ProcessPrefetcher:
+    """Builds batches in spawned worker processes, ``depth`` positions ahead, in order.
+
+    Tokenization holds the GIL, so threads cannot use a second core; processes
+    can. Each worker owns a copy of the iterator and builds the batch at a
+    given position, which is all a batch depends on, so the order and the
+    contents are those of the in-process iterator.
+    """
+
+    def __init__(self, worker_args, start, following, depth: int, workers: int):
+        import collections
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # fork is unsafe once JAX threads exist
+        self._pool = context.Pool(workers, initializer=_worker_init, initargs=worker_args)
+        self._pending: collections.deque = collections.deque()
+        self._next = start
+        self._following = following
+        self._depth = depth
+
+    def _fill(self) -> None:
+        while len(self._pending) < self._depth and self._next is not None:
+            self._pending.append(self._pool.apply_async(_worker_produce, (self._next,)))
+            self._next = self._following(self._next)
+
+    def get(self):
+        self._fill()
+        if not self._pending:
+            return None
+        item = self._pending.popleft().get()
+        self._fill()
+        return item
+
+    def close(self) -> None:
+        self._pool.terminate()
+        self._pool.join()
+
+
 class BatchIterator:
     """Deterministic, resumable iterator of this process's share of each global batch.
 
@@ -340,13 +396,22 @@ class BatchIterator:
                 "several buckets with several processes need length_sync (e.g. jax_length_sync) "
                 "so that all processes pick the same shapes"
             )
-        if length_sync is not None and config.prefetch > 0:
+        if length_sync is not None and (config.prefetch > 0 or config.workers > 0):
             # A sync is a collective: every process must issue it in the same
             # order relative to the train step's collectives, which a background
             # thread does not guarantee.
-            raise ValueError("length_sync needs prefetch=0 (it must run in the calling thread)")
+            raise ValueError("length_sync needs prefetch=0 and workers=0 (it must run in the calling thread)")
         self._source = source
         self._getitems = getattr(source, "__getitems__", None)
+        # A token cache (token_cache.TokenizedSource) hands out ready token rows.
+        self._token_rows = getattr(source, "token_rows", None)
+        if self._token_rows is not None and (
+            source.text_truncate != config.text_truncate or source.label_truncate != config.label_truncate
+        ):
+            raise ValueError(
+                f"token cache truncates to {source.text_truncate}/{source.label_truncate} tokens, "
+                f"config asks {config.text_truncate}/{config.label_truncate}"
+            )
         self._tokenizer = tokenizer
         self._config = config
         self._process_index = int(process_index)
@@ -412,9 +477,9 @@ class BatchIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self._config.prefetch > 0:
+        if self._config.workers > 0 or self._config.prefetch > 0:
             if self._prefetcher is None:
-                self._prefetcher = _Prefetcher(self._produce, self._pos, self._config.prefetch)
+                self._prefetcher = self._start_prefetch()
             try:
                 item = self._prefetcher.get()
             except BaseException:
@@ -443,6 +508,21 @@ class BatchIterator:
             self._stop_prefetch()
         except Exception:
             pass
+
+    def _start_prefetch(self):
+        c = self._config
+        if c.workers == 0:
+            return _Prefetcher(self._produce, self._pos, c.prefetch)
+        steps, epochs = self._steps_per_epoch, c.num_epochs
+
+        def following(pos):  # the position after pos's batch, None past the last epoch
+            epoch, step = pos
+            if step >= steps:
+                epoch, step = epoch + 1, 0
+            return None if epochs is not None and epoch >= epochs else (epoch, step + 1)
+
+        worker_args = (self._source, self._tokenizer, c, self._process_index, self._process_count)
+        return _ProcessPrefetcher(worker_args, self._pos, following, max(c.prefetch, 2 * c.workers), c.workers)
 
     def _stop_prefetch(self):
         if self._prefetcher is not None:
@@ -483,13 +563,18 @@ class BatchIterator:
         lo = self._process_index * b
         local_indices = global_indices[lo : lo + b]  # shorter than b only on a padded eval batch
         n = len(local_indices)
-        examples = self._read([int(i) for i in local_indices])
-
-        contexts = [_as_text(ex["context"]) for ex in examples]
-        labels = [_as_text(ex["label"]) for ex in examples]
-        ctx = _encode_context_rows(contexts, self._tokenizer, c.text_truncate, self._chars_per_token)
-        lab = _encode_label_rows(labels, self._tokenizer, c.label_truncate)
-        self._update_chars_per_token(labels, lab.lengths)
+        if self._token_rows is not None:  # a token cache: rows are ready, no tokenizing
+            ctx_parts, lab_parts, cached_feedback = self._token_rows(local_indices)
+            ctx, lab = _TokenRows(*ctx_parts), _TokenRows(*lab_parts)
+            feedback_values = cached_feedback
+        else:
+            examples = self._read([int(i) for i in local_indices])
+            contexts = [_as_text(ex["context"]) for ex in examples]
+            labels = [_as_text(ex["label"]) for ex in examples]
+            ctx = _encode_context_rows(contexts, self._tokenizer, c.text_truncate, self._chars_per_token)
+            lab = _encode_label_rows(labels, self._tokenizer, c.label_truncate)
+            self._update_chars_per_token(labels, lab.lengths)
+            feedback_values = [int(ex["feedback"]) for ex in examples]
 
         longest = np.array([ctx.longest(), lab.longest()], np.int64)
         if self._length_sync is not None:
@@ -499,7 +584,7 @@ class BatchIterator:
 
         pad = self._tokenizer.pad_id
         feedback = np.full((b,), -1, np.int32)
-        feedback[:n] = [int(ex["feedback"]) for ex in examples]
+        feedback[:n] = feedback_values
         valid = np.zeros((b,), bool)
         valid[:n] = True
         index = np.full((b,), -1, np.int64)

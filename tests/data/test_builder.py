@@ -105,3 +105,19 @@ def test_manual_download_instructions_name_the_release():
     """The instructions give the URL, the checksum and what to pass as manual_dir."""
     text = builder.Bb3xDeployment.MANUAL_DOWNLOAD_INSTRUCTIONS
     assert schema.RELEASE_URL in text and schema.TARBALL_SHA256 in text and "manual_dir" in text
+
+
+def test_training_records_equal_tfds_decoding(release_dir, data_dir):
+    """The fast proto reader returns exactly what tfds.data_source decodes for the training fields."""
+    from bb3x_jax.data import records
+
+    built = builder.prepare(release_dir, "human", data_dir=data_dir, num_workers=0)
+    for split in ("train", "test"):
+        slow = built.as_data_source(split)
+        fast = records.TrainingRecords.of(built, split)
+        assert len(fast) == len(slow)
+        batch = fast.__getitems__(list(range(len(slow))))
+        for i, record in enumerate(batch):
+            reference = slow[i]
+            assert record == {k: (int(reference[k]) if k == "feedback" else reference[k]) for k in records.FIELDS}
+            assert fast[i] == record

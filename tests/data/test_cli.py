@@ -69,3 +69,18 @@ def test_synthesize_then_stats_on_the_tarball(tmp_path):
     for key in ("examples", "positive", "negative", "unlabeled", "conversations"):
         assert folder_stats[key] == tar_stats[key]
     assert folder_stats["examples"] > 0
+
+
+def test_train_tokenizer_command_is_deterministic(tmp_path):
+    """train_tokenizer prepares the data, writes a model, and the same input gives the same bytes."""
+    folder = str(tmp_path / "syn")
+    run_cli("synthesize", "--out", folder, "--conversations", "200", "--seed", "1")
+    models = []
+    for name in ("a", "b"):
+        out = json.loads(run_cli(
+            "train_tokenizer", "--manual_dir", folder, "--data_dir", str(tmp_path / "tfds"),
+            "--out", str(tmp_path / f"{name}.model"), "--vocab_size", "300", "--workers", "0",
+        ).stdout)
+        assert 100 < out["vocab_size"] <= 300
+        models.append(open(out["model"], "rb").read())
+    assert models[0] == models[1]

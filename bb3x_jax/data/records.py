@@ -1,0 +1,61 @@
+"""Fast random access to the fields the training path reads from a prepared split.
+
+``tfds.data_source`` decodes every feature of a record in Python (about 6,000
+records/s here, with the lossless ``label_info`` JSON the largest part); the
+input pipeline needs only ``context``, ``label`` and ``feedback``. This reads the
+same array_record shards and parses the stored ``tf.train.Example`` protos with
+the C protobuf parser, taking just those fields (about 40,000 records/s). The
+values are exactly what TFDS decodes (tested), as bytes and int.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import tensorflow_datasets as tfds
+from tensorflow_datasets.proto import tf_example_pb2
+
+FIELDS = ("context", "label", "feedback")
+
+
+class TrainingRecords:
+    """``len()``, ``[i]`` and batched ``__getitems__`` over (context, label, feedback)."""
+
+    def __init__(self, data_dir: str, split: str):
+        self._data_dir = str(data_dir)
+        self._split = split
+        tfds_source = tfds.builder_from_directory(self._data_dir).as_data_source(split)
+        # The TFDS source wraps array_record's own random-access reader.
+        self._raw = tfds_source.data_source
+        self._len = len(tfds_source)
+
+    @classmethod
+    def of(cls, built, split: str) -> "TrainingRecords":
+        """Records of a prepared builder's split."""
+        return cls(str(built.data_dir), split)
+
+    def __getstate__(self):  # readers do not pickle; worker processes reopen the files
+        return {"data_dir": self._data_dir, "split": self._split}
+
+    def __setstate__(self, state):
+        self.__init__(state["data_dir"], state["split"])
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        out = []
+        for raw in self._raw.__getitems__(list(indices)):
+            feature = tf_example_pb2.Example.FromString(raw).features.feature
+            out.append(
+                {
+                    "context": feature["context"].bytes_list.value[0],
+                    "label": feature["label"].bytes_list.value[0],
+                    "feedback": int(feature["feedback"].int64_list.value[0]),
+                }
+            )
+        return out
