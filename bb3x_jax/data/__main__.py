@@ -136,30 +136,40 @@ def cmd_display(args) -> None:
           f"{report.read.skipped} malformed conversation(s) skipped so far", file=sys.stderr)
 
 
+def _prepare_quietly(args):
+    """Prepares the dataset with TFDS's own messages sent to stderr (stdout carries our JSON)."""
+    import contextlib
+
+    import tensorflow_datasets as tfds
+
+    from bb3x_jax.data import builder
+
+    tfds.disable_progress_bar()
+    with contextlib.redirect_stdout(sys.stderr):
+        return builder.prepare(
+            args.manual_dir,
+            args.stream,
+            data_dir=args.data_dir,
+            policy=_policy(args),
+            skip_malformed=args.skip_malformed,
+            tarball_sha256=_sha(args),
+            num_workers=_workers(args),
+        )
+
+
 def cmd_prepare(args) -> None:
     from bb3x_jax.data import builder
 
-    built = builder.prepare(
-        args.manual_dir,
-        args.stream,
-        data_dir=args.data_dir,
-        policy=_policy(args),
-        skip_malformed=args.skip_malformed,
-        tarball_sha256=_sha(args),
-        num_workers=_workers(args),
-    )
-    out = {"data_dir": str(built.data_dir), "splits": {s: built.info.splits[s].num_examples for s in schema.SPLITS}}
+    built = _prepare_quietly(args)
+    out = {"data_dir": str(built.data_dir), "splits": {s: builder.num_examples(built, s) for s in schema.SPLITS}}
     out["reports"] = {s: builder.split_report(built, s) for s in schema.SPLITS}
     print(json.dumps(out, indent=1))
 
 
 def cmd_train_tokenizer(args) -> None:
-    from bb3x_jax.data import builder, dataset, records, tokenizer
+    from bb3x_jax.data import dataset, records, tokenizer
 
-    built = builder.prepare(
-        args.manual_dir, args.stream, data_dir=args.data_dir, policy=_policy(args),
-        skip_malformed=args.skip_malformed, tarball_sha256=_sha(args), num_workers=_workers(args),
-    )
+    built = _prepare_quietly(args)
     texts = dataset.tokenizer_texts(records.TrainingRecords.of(built, "train"), args.max_sentences)
     tok = tokenizer.train_sentencepiece(
         texts, args.out, vocab_size=args.vocab_size, seed=args.seed, extra_options={"hard_vocab_limit": False}

@@ -84,3 +84,12 @@ def test_train_tokenizer_command_is_deterministic(tmp_path):
         assert 300 < out["vocab_size"] <= 1000
         models.append(open(out["model"], "rb").read())
     assert models[0] == models[1]
+
+
+def test_prepare_command_prints_split_sizes(tmp_path):
+    """prepare prints JSON with each split's examples (0 for an empty split) and its report."""
+    folder = fx.write_release(str(tmp_path / "rel"))
+    out = json.loads(run_cli("prepare", "--manual_dir", folder, "--stream", "crowdworkers_human",
+                             "--data_dir", str(tmp_path / "tfds"), "--workers", "0").stdout)
+    assert out["splits"] == fx.EXPECTED["crowdworkers_human"]
+    assert out["reports"]["valid"]["examples"] == 0
