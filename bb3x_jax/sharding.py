@@ -64,10 +64,16 @@ def logical_to_spec(logical_axes: Sequence[str | None], mesh: Mesh | None = None
         if name not in LOGICAL_RULES:
             raise KeyError(f"logical axis {name!r} has no rule; known: {', '.join(LOGICAL_RULES)}")
         target = LOGICAL_RULES[name]
-        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        if target is None:
+            spec.append(None)
+            continue
+        axes = (target,) if isinstance(target, str) else tuple(target)
         if mesh is not None:
             axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
-        spec.append(axes[0] if len(axes) == 1 else (axes or None))
+        if not axes:
+            spec.append(None)
+        else:  # a rule written as one axis stays a name, a rule over several stays a tuple
+            spec.append(axes[0] if isinstance(target, str) else axes)
     return PartitionSpec(*spec)
 
 

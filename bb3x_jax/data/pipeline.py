@@ -644,16 +644,20 @@ def measure_throughput(source, tokenizer: Tokenizer, config: PipelineConfig, num
     }
 
 
-def global_batch_to_device(batch: dict[str, np.ndarray], mesh, batch_axes: Sequence[str] = ("data", "fsdp")) -> dict:
-    """Turns this process's rows into global ``jax.Array``s, batch dim sharded
-    over the product of ``batch_axes`` present in ``mesh`` (other dims and mesh
-    axes replicated). Works unchanged from 1 device to multi-host meshes."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
+def global_batch_to_device(batch: dict[str, np.ndarray], mesh) -> dict:
+    """Turns this process's rows into global ``jax.Array``s on ``mesh``.
 
-    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-    spec = PartitionSpec(axes if axes else None)
-    sharding = NamedSharding(mesh, spec)
+    The batch dimension is sharded as the logical axis ``batch`` of the rules
+    table (``bb3x_jax.sharding.LOGICAL_RULES``: the data-parallel mesh axes);
+    the other dimensions are replicated. Works unchanged from 1 device to
+    multi-host meshes.
+    """
+    import jax
+    from jax.sharding import NamedSharding
+
+    from bb3x_jax import sharding as sharding_lib
+
+    sharding = NamedSharding(mesh, sharding_lib.logical_to_spec(("batch",), mesh))
     out = {}
     for key, value in batch.items():
         value = np.asarray(value)

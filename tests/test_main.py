@@ -1,0 +1,69 @@
+"""main.py end to end: the default job on a small synthetic release, on 1 and 8 simulated devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(workdir, *overrides, devices=1, check=True):
+    env = dict(os.environ)
+    env["JAX_PLATFORMS"] = "cpu"
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    cmd = [
+        sys.executable, "main.py", "--config", "configs/cringe.py", f"--workdir={workdir}",
+        "--config.data.synthetic.conversations=300", "--config.data_check.batches=4", "--config.data.batch_size=8",
+        "--config.data.tokenizer.vocab_size=1000", *overrides,
+    ]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=check)
+
+
+def _last_json(stdout: str) -> dict:
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+
+
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    return workdir, _last_json(run_main(workdir).stdout)
+
+
+def test_default_job_synthesizes_prepares_and_runs_batches(single_device_run):
+    """With no manual_dir the job writes the synthetic release, prepares it and pushes real batches."""
+    workdir, result = single_device_run
+    assert result["release"] == os.path.join(workdir, "synthetic_release")
+    assert result["examples"] == 4 * 8
+    assert result["context_tokens"] > 0 and result["label_tokens"] >= result["examples"]
+    assert result["positive"] + result["negative"] + result["unlabeled"] == result["examples"]
+    with open(os.path.join(workdir, "data_check.json")) as f:
+        saved = json.load(f)
+    assert saved["splits"]["train"]["examples"] > 0 and saved["iterator_state"]["step_in_epoch"] == 4
+
+
+def test_eight_devices_give_the_same_numbers(single_device_run, tmp_path):
+    """On a (2, 2, 2) mesh of simulated devices the sharded step sees exactly the same batches."""
+    _, single = single_device_run
+    result = _last_json(
+        run_main(str(tmp_path), "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", devices=8).stdout
+    )
+    assert result["devices"] == 8 and result["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    for key in ("examples", "context_tokens", "label_tokens", "positive", "negative", "unlabeled"):
+        assert result[key] == single[key], key
+
+
+def test_unknown_or_mistyped_override_fails_with_its_name(tmp_path):
+    """A typo in a config key, or a value of the wrong type, stops the run at start-up naming it."""
+    bad_key = run_main(str(tmp_path), "--config.data.batch_sise=8", check=False)
+    assert bad_key.returncode != 0 and "batch_sise" in bad_key.stderr
+    bad_type = run_main(str(tmp_path), "--config.data.batch_size=eight", check=False)
+    assert bad_type.returncode != 0 and "batch_size" in bad_type.stderr
+    bad_value = run_main(str(tmp_path), "--config.data.stream=bots", check=False)
+    assert bad_value.returncode != 0 and "config.data.stream" in bad_value.stderr
+    assert not os.path.exists(os.path.join(str(tmp_path), "synthetic_release"))
