@@ -128,17 +128,71 @@ class Bb3xDeployment(tfds.core.GeneratorBasedBuilder):
             disable_shuffling=True,
         )
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    def _generate_splits(self, dl_manager, download_config):
+        """Writes the splits; with workers, records are built and serialised in parallel.
+
+        Without workers this is TFDS's own path (``_split_generators`` ->
+        ``_generate_examples`` -> TFDS's writer). With workers the same
+        examples, serialised to the same bytes (``records.serialize``), are
+        made in worker processes and written here in release order, one
+        array_record shard per split: TFDS's in-process serialiser would
+        otherwise bound preparation to one core.
+        """
+        if self._num_workers <= 0 or download_config.max_examples_per_split is not None:
+            return super()._generate_splits(dl_manager, download_config)
+        from array_record.python import array_record_module
+
+        location = self._locate(dl_manager)
+        infos = []
+        for split in self._split_order():
+            report = extract.SplitReport()
+            template = self._get_filename_template(split_name=split)
+            path = template.sharded_filepath(shard_index=0, num_shards=1)
+            writer = array_record_module.ArrayRecordWriter(os.fspath(path), "group_size:1")
+            try:
+                for _, record in extract.iter_examples(
+                    location,
+                    split,
+                    self.builder_config.stream,
+                    self.builder_config.policy,
+                    report,
+                    skip_malformed=self._skip_malformed,
+                    num_workers=self._num_workers,
+                    tarball_sha256=None,  # checked in _locate
+                    serialized=True,
+                ):
+                    writer.write(record)
+            finally:
+                writer.close()
+            self.info.metadata[split] = report.to_dict()
+            if report.examples == 0:
+                os.remove(path)
+                raise EmptySplitError(split, self.info.metadata[split])
+            infos.append(
+                tfds.core.SplitInfo(
+                    name=split, shard_lengths=[report.examples], num_bytes=os.path.getsize(path), filename_template=template
+                )
+            )
+        return infos
+
+    def _locate(self, dl_manager) -> release.ReleaseLocation:
         root = os.fspath(dl_manager.manual_dir)
         location = release.locate_release(os.path.join(root, self._release_file) if self._release_file else root)
         if location.kind == "tarball":
             # Hash once here; each split then streams the archive without re-hashing.
             release.check_tarball(location.path, self._tarball_sha256)
+        return location
+
+    def _split_order(self) -> list[str]:
+        """Small splits first, so discovering an empty one (see prepare) is cheap."""
         for split, report in self._empty_splits.items():
             self.info.metadata[split] = report
-        # Small splits first, so discovering an empty one (see prepare) is cheap.
         order = sorted(schema.SPLITS, key=lambda s: len(schema.SPLIT_CHUNKS[s]))
-        return {s: self._generate_examples(location, s) for s in order if s not in self._empty_splits}
+        return [s for s in order if s not in self._empty_splits]
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        location = self._locate(dl_manager)
+        return {split: self._generate_examples(location, split) for split in self._split_order()}
 
     def _generate_examples(self, location: release.ReleaseLocation, split: str):
         report = extract.SplitReport()

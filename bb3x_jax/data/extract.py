@@ -15,7 +15,7 @@ import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from bb3x_jax.data import parallel, release, schema, streams
+from bb3x_jax.data import parallel, records, release, schema, streams
 from bb3x_jax.data.feedback import FeedbackPolicy
 
 _LINES_PER_TASK = 64
@@ -53,13 +53,16 @@ def example_key(chunk: int, lineno: int, message_index: int) -> int:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(stream: str, policy: FeedbackPolicy, skip_malformed: bool) -> None:
-    _WORKER.update(spec=streams.stream_spec(stream), policy=policy, skip_malformed=skip_malformed)
+def _init_worker(stream: str, policy: FeedbackPolicy, skip_malformed: bool, serialized: bool = False) -> None:
+    _WORKER.update(
+        spec=streams.stream_spec(stream), policy=policy, skip_malformed=skip_malformed, serialized=serialized
+    )
 
 
 def _process_lines(lines: Sequence[tuple[int, str, int, bytes]]):
     """Parses and expands a batch of raw lines; returns examples plus count deltas."""
     spec, policy, skip = _WORKER["spec"], _WORKER["policy"], _WORKER["skip_malformed"]
+    serialize = records.serialize if _WORKER["serialized"] else None
     read = release.ReadReport()
     dropped: collections.Counter = collections.Counter()
     out = []
@@ -68,7 +71,9 @@ def _process_lines(lines: Sequence[tuple[int, str, int, bytes]]):
         if convo is None:
             continue
         for example in streams.examples_from_conversation(convo, spec, policy, dropped):
-            out.append((example_key(chunk, lineno, example["message_index"]), example))
+            key = example_key(chunk, lineno, example["message_index"])
+            payload = serialize(example) if serialize else example
+            out.append((key, payload, example["feedback"], example["feedback_source"]))
     return out, read, dropped
 
 
@@ -91,8 +96,12 @@ def iter_examples(
     skip_malformed: bool = False,
     num_workers: int = 0,
     tarball_sha256: str | None = schema.TARBALL_SHA256,
-) -> Iterator[tuple[int, dict[str, Any]]]:
+    serialized: bool = False,
+) -> Iterator[tuple[int, dict[str, Any] | bytes]]:
     """Yields (key, example) of ``stream`` for ``split``, filling ``report`` as it goes.
+
+    ``serialized=True`` yields the stored record bytes (``records.serialize``)
+    instead of the example dict, made in the workers.
 
     ``num_workers=0`` runs inline (small releases, tests); otherwise a spawn
     pool parses while the caller consumes. The order and the counts do not
@@ -106,7 +115,7 @@ def iter_examples(
         batches,
         workers=num_workers,
         initializer=_init_worker,
-        initargs=(stream, policy, skip_malformed),
+        initargs=(stream, policy, skip_malformed, serialized),
     )
     yield from _consume(results, report)
 
@@ -116,11 +125,11 @@ def _consume(results, report: SplitReport):
         report.read.merge(read)
         report.dropped_labels.update(dropped)
         last_chat = None
-        for key, example in examples:
+        for key, payload, feedback, source in examples:
             report.examples += 1
-            report.feedback[schema.FEEDBACK_NAMES[example["feedback"]]] += 1
-            report.feedback_source[example["feedback_source"]] += 1
+            report.feedback[schema.FEEDBACK_NAMES[feedback]] += 1
+            report.feedback_source[source] += 1
             if key // 10**5 != last_chat:
                 report.conversations_with_examples += 1
                 last_chat = key // 10**5
-            yield key, example
+            yield key, payload

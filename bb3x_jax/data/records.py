@@ -1,4 +1,13 @@
-"""Fast random access to the fields the training path reads from a prepared split.
+"""The stored record format: fast writing and fast reading of prepared examples.
+
+Writing: ``serialize`` builds the same ``tf.train.Example`` that TFDS's own
+serializer produces for the builder's features (tested field for field) at
+about a third of the cost, so preparation can serialise in worker processes.
+Its map entries are written in sorted order (``deterministic=True``), so the
+prepared files are byte-for-byte reproducible; TFDS's serializer leaves the
+order to the protobuf runtime, which varies between processes.
+
+Reading: random access to the fields the training path reads.
 
 ``tfds.data_source`` decodes every feature of a record in Python (about 6,000
 records/s here, with the lossless ``label_info`` JSON the largest part); the
@@ -14,9 +23,27 @@ from collections.abc import Sequence
 from typing import Any
 
 import tensorflow_datasets as tfds
-from tensorflow_datasets.proto import tf_example_pb2
+from tensorflow_datasets.proto import tf_example_pb2, tf_feature_pb2
+
+from bb3x_jax.data import schema
 
 FIELDS = ("context", "label", "feedback")
+# Integer-valued features (TFDS stores int and bool scalars as int64 lists).
+INT_KEYS = frozenset({"feedback", "message_index", "adversarial_human"})
+_SORTED_KEYS = tuple(sorted(schema.EXAMPLE_KEYS))
+
+
+def serialize(example: dict[str, Any]) -> bytes:
+    """``tf.train.Example`` bytes of one prepared example (the proto TFDS's serializer makes)."""
+    feature = {}
+    for key in _SORTED_KEYS:
+        value = example[key]
+        if key in INT_KEYS:
+            feature[key] = tf_feature_pb2.Feature(int64_list=tf_feature_pb2.Int64List(value=[int(value)]))
+        else:
+            feature[key] = tf_feature_pb2.Feature(bytes_list=tf_feature_pb2.BytesList(value=[value.encode("utf-8")]))
+    example_proto = tf_example_pb2.Example(features=tf_feature_pb2.Features(feature=feature))
+    return example_proto.SerializeToString(deterministic=True)
 
 
 class TrainingRecords:
