@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 
-from bb3x_jax.data import builder, dataset, extract, pipeline, synthetic, token_cache
+from bb3x_jax.data import builder, dataset, parallel, pipeline, synthetic, token_cache
 from bb3x_jax.data import tokenizer as tokenizer_lib
 
 
@@ -45,7 +45,7 @@ def main() -> None:
 
     data_dir = os.path.join(args.workdir, "tfds")
     shutil.rmtree(data_dir, ignore_errors=True)
-    workers = extract.default_workers() if args.workers < 0 else args.workers
+    workers = parallel.resolve_workers(args.workers)
     start = time.perf_counter()
     built = builder.prepare(release_dir, "bot", data_dir=data_dir, num_workers=workers)
     prepare_s = time.perf_counter() - start

@@ -19,7 +19,7 @@ import sys
 import textwrap
 import time
 
-from bb3x_jax.data import extract, release, schema, streams, synthetic
+from bb3x_jax.data import extract, parallel, release, schema, streams, synthetic
 from bb3x_jax.data.feedback import DEFAULT_POLICY, FeedbackPolicy
 
 
@@ -49,7 +49,7 @@ def _sha(args) -> str | None:
 
 
 def _workers(args) -> int:
-    return extract.default_workers() if args.workers < 0 else args.workers
+    return parallel.resolve_workers(args.workers)
 
 
 def cmd_synthesize(args) -> None:

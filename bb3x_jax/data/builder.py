@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from bb3x_jax.data import extract, release, schema, streams
+from bb3x_jax.data import extract, parallel, release, schema, streams
 from bb3x_jax.data.feedback import DEFAULT_POLICY, FeedbackPolicy
 
 _DESCRIPTION = """
@@ -150,24 +150,13 @@ class Bb3xDeployment(tfds.core.GeneratorBasedBuilder):
             path = template.sharded_filepath(shard_index=0, num_shards=1)
             writer = array_record_module.ArrayRecordWriter(os.fspath(path), "group_size:1")
             try:
-                for _, record in extract.iter_examples(
-                    location,
-                    split,
-                    self.builder_config.stream,
-                    self.builder_config.policy,
-                    report,
-                    skip_malformed=self._skip_malformed,
-                    num_workers=self._num_workers,
-                    tarball_sha256=None,  # checked in _locate
-                    serialized=True,
-                ):
+                for _, record in self._examples(location, split, report, serialized=True):
                     writer.write(record)
             finally:
                 writer.close()
-            self.info.metadata[split] = report.to_dict()
             if report.examples == 0:
                 os.remove(path)
-                raise EmptySplitError(split, self.info.metadata[split])
+            self._finish_split(split, report)
             infos.append(
                 tfds.core.SplitInfo(
                     name=split, shard_lengths=[report.examples], num_bytes=os.path.getsize(path), filename_template=template
@@ -196,7 +185,11 @@ class Bb3xDeployment(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, location: release.ReleaseLocation, split: str):
         report = extract.SplitReport()
-        yield from extract.iter_examples(
+        yield from self._examples(location, split, report, serialized=False)
+        self._finish_split(split, report)
+
+    def _examples(self, location, split: str, report: extract.SplitReport, *, serialized: bool):
+        return extract.iter_examples(
             location,
             split,
             self.builder_config.stream,
@@ -204,8 +197,12 @@ class Bb3xDeployment(tfds.core.GeneratorBasedBuilder):
             report,
             skip_malformed=self._skip_malformed,
             num_workers=self._num_workers,
-            tarball_sha256=None,  # checked in _split_generators
+            tarball_sha256=None,  # checked once in _locate
+            serialized=serialized,
         )
+
+    def _finish_split(self, split: str, report: extract.SplitReport) -> None:
+        """Stores the split's report with the dataset; an empty split cannot be stored."""
         self.info.metadata[split] = report.to_dict()
         if report.examples == 0:
             raise EmptySplitError(split, self.info.metadata[split])
@@ -240,7 +237,7 @@ def prepare(
             data_dir=os.path.join(data_dir, f"release-{fingerprint}"),
             skip_malformed=skip_malformed,
             tarball_sha256=tarball_sha256,
-            num_workers=extract.default_workers() if num_workers is None else num_workers,
+            num_workers=parallel.default_workers() if num_workers is None else num_workers,
             empty_splits=empty,
             release_file=os.path.basename(location.path) if location.kind == "tarball" else "",
         )

@@ -18,7 +18,7 @@ from ml_collections import config_dict
 
 from bb3x_jax import config as config_lib
 from bb3x_jax.data import builder as builder_lib
-from bb3x_jax.data import extract, pipeline, records, synthetic, token_cache, tokenizer as tokenizer_lib
+from bb3x_jax.data import parallel, pipeline, records, synthetic, token_cache, tokenizer as tokenizer_lib
 
 
 def resolve_release(data: config_dict.ConfigDict, workdir: str) -> str:
@@ -49,7 +49,7 @@ def prepare(config: config_dict.ConfigDict, workdir: str) -> builder_lib.Bb3xDep
         policy=config_lib.feedback_policy(config),
         skip_malformed=data.skip_malformed,
         tarball_sha256=sha,
-        num_workers=extract.default_workers() if data.num_workers < 0 else data.num_workers,
+        num_workers=parallel.resolve_workers(data.num_workers),
     )
 
 
@@ -121,7 +121,7 @@ def batch_source(config: config_dict.ConfigDict, built: builder_lib.Bb3xDeployme
     path = token_cache.cache_dir(str(built.data_dir), split, tok, data.text_truncate, data.label_truncate)
     if not os.path.exists(os.path.join(path, "meta.json")):
         logging.info("Tokenizing split %s once into %s", split, path)
-    workers = extract.default_workers() if data.num_workers < 0 else data.num_workers
+    workers = parallel.resolve_workers(data.num_workers)
     return token_cache.build(records_source, tok, data.text_truncate, data.label_truncate, path, workers=workers)
 
 

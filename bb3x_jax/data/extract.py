@@ -83,9 +83,6 @@ def _batched(iterable, size):
         yield batch
 
 
-default_workers = parallel.default_workers
-
-
 def iter_examples(
     location: release.ReleaseLocation,
     split: str,

@@ -19,6 +19,11 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def resolve_workers(requested: int) -> int:
+    """-1 (or any negative) means the default; 0 means inline."""
+    return default_workers() if requested < 0 else requested
+
+
 def ordered_map(
     fn: Callable[[Any], Any],
     items: Iterable[Any],

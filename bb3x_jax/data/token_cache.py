@@ -123,9 +123,15 @@ def build(
         }
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        if os.path.exists(path):  # an earlier incomplete attempt without meta.json
-            shutil.rmtree(path)
-        os.rename(tmp, path)
+        if os.path.exists(path) and not os.path.exists(os.path.join(path, "meta.json")):
+            shutil.rmtree(path)  # an earlier attempt that never finished
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            # Another process (e.g. another host on a shared disk) finished first.
+            if not os.path.exists(os.path.join(path, "meta.json")):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
