@@ -1,0 +1,165 @@
+"""Name tables between our parameters and PyTorch checkpoints, used both ways.
+
+A table is a list of (our path, their key, transform) rows; the transform is
+``"T"`` for torch Linear weights ([out, in] there, [in, out] here) or ``None``.
+Import checks that every key of the checkpoint is consumed and every parameter
+of ours is filled with the right shape, and fails listing what is missing,
+unexpected or mis-shaped: nothing is silently skipped or left random.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from bb3x_jax.model.config import ModelConfig
+
+Row = tuple[str, str, str | None]
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint whose keys or shapes do not fit the architecture."""
+
+
+def _attention(ours: str, theirs: str, q="q_proj", k="k_proj", v="v_proj", o="out_proj") -> list[Row]:
+    rows = []
+    for mine, their in (("q_lin", q), ("k_lin", k), ("v_lin", v), ("out_lin", o)):
+        rows.append((f"{ours}.{mine}.kernel", f"{theirs}.{their}.weight", "T"))
+        rows.append((f"{ours}.{mine}.bias", f"{theirs}.{their}.bias", None))
+    return rows
+
+
+def _norm(ours: str, theirs: str) -> list[Row]:
+    return [(f"{ours}.scale", f"{theirs}.weight", None), (f"{ours}.bias", f"{theirs}.bias", None)]
+
+
+def _ffn(ours: str, theirs: str) -> list[Row]:
+    return [
+        (f"{ours}.lin1.kernel", f"{theirs}.fc1.weight", "T"),
+        (f"{ours}.lin1.bias", f"{theirs}.fc1.bias", None),
+        (f"{ours}.lin2.kernel", f"{theirs}.fc2.weight", "T"),
+        (f"{ours}.lin2.bias", f"{theirs}.fc2.bias", None),
+    ]
+
+
+def hf_blenderbot_table(cfg: ModelConfig) -> tuple[list[Row], dict[str, str]]:
+    """Rows for transformers' BlenderbotForConditionalGeneration (prelayernorm), plus tied aliases."""
+    if cfg.arch != "encoder_decoder" or cfg.variant != "prelayernorm":
+        raise ValueError("transformers' Blenderbot is the prelayernorm encoder-decoder")
+    rows: list[Row] = [
+        ("embeddings", "model.shared.weight", None),
+        ("encoder.position_embeddings", "model.encoder.embed_positions.weight", None),
+        ("decoder.position_embeddings", "model.decoder.embed_positions.weight", None),
+        *_norm("encoder.norm_embeddings", "model.encoder.layer_norm"),
+        *_norm("decoder.norm_embeddings", "model.decoder.layer_norm"),
+    ]
+    for i in range(cfg.n_encoder_layers):
+        ours, theirs = f"encoder.layers.{i}", f"model.encoder.layers.{i}"
+        rows += _attention(f"{ours}.attention", f"{theirs}.self_attn")
+        rows += _norm(f"{ours}.norm1", f"{theirs}.self_attn_layer_norm")
+        rows += _norm(f"{ours}.norm2", f"{theirs}.final_layer_norm")
+        rows += _ffn(f"{ours}.ffn", theirs)
+    for i in range(cfg.n_decoder_layers):
+        ours, theirs = f"decoder.layers.{i}", f"model.decoder.layers.{i}"
+        rows += _attention(f"{ours}.self_attention", f"{theirs}.self_attn")
+        rows += _attention(f"{ours}.encoder_attention", f"{theirs}.encoder_attn")
+        rows += _norm(f"{ours}.norm1", f"{theirs}.self_attn_layer_norm")
+        rows += _norm(f"{ours}.norm2", f"{theirs}.encoder_attn_layer_norm")
+        rows += _norm(f"{ours}.norm3", f"{theirs}.final_layer_norm")
+        rows += _ffn(f"{ours}.ffn", theirs)
+    # Keys that must equal another (tied) key, and the output bias that must be zero.
+    tied = {
+        "model.encoder.embed_tokens.weight": "model.shared.weight",
+        "model.decoder.embed_tokens.weight": "model.shared.weight",
+        "lm_head.weight": "model.shared.weight",
+    }
+    return rows, tied
+
+
+def hf_opt_table(cfg: ModelConfig) -> tuple[list[Row], dict[str, str]]:
+    """Rows for transformers' OPTForCausalLM (pre-LN decoder, tied output)."""
+    if cfg.arch != "decoder_only":
+        raise ValueError("OPT is a decoder-only model")
+    rows: list[Row] = [
+        ("embeddings", "model.decoder.embed_tokens.weight", None),
+        ("decoder.position_embeddings", "model.decoder.embed_positions.weight", None),
+        *_norm("decoder.norm_embeddings", "model.decoder.final_layer_norm"),
+    ]
+    for i in range(cfg.n_decoder_layers):
+        ours, theirs = f"decoder.layers.{i}", f"model.decoder.layers.{i}"
+        rows += _attention(f"{ours}.self_attention", f"{theirs}.self_attn")
+        rows += _norm(f"{ours}.norm1", f"{theirs}.self_attn_layer_norm")
+        rows += _norm(f"{ours}.norm3", f"{theirs}.final_layer_norm")
+        rows += _ffn(f"{ours}.ffn", theirs)
+    return rows, {"lm_head.weight": "model.decoder.embed_tokens.weight"}
+
+
+def _flat_params(model: nnx.Module) -> dict[str, nnx.Param]:
+    out = {}
+    for path, variable in nnx.iter_graph(model):
+        if isinstance(variable, nnx.Param):
+            out[".".join(str(p) for p in path)] = variable
+    return out
+
+
+def load_state_dict(
+    model: nnx.Module,
+    state_dict: Mapping[str, Any],
+    rows: list[Row],
+    tied: Mapping[str, str],
+    *,
+    zero_keys: tuple[str, ...] = ("final_logits_bias",),
+) -> None:
+    """Fills ``model``'s parameters from a torch-style state dict (numpy or torch tensors).
+
+    Raises CheckpointMismatch listing every missing, unexpected or mis-shaped
+    key at once.
+    """
+    params = _flat_params(model)
+    as_numpy = {k: _to_numpy(v) for k, v in state_dict.items()}
+    problems: list[str] = []
+    used: set[str] = set()
+    filled: set[str] = set()
+    for ours, theirs, transform in rows:
+        if ours not in params:
+            problems.append(f"table names unknown parameter {ours!r}")
+            continue
+        if theirs not in as_numpy:
+            problems.append(f"missing key {theirs!r} (for {ours})")
+            continue
+        value = as_numpy[theirs].T if transform == "T" else as_numpy[theirs]
+        target = params[ours]
+        if value.shape != target.value.shape:
+            problems.append(f"shape of {theirs!r} is {as_numpy[theirs].shape}, expected {tuple(target.value.shape)} "
+                            f"({'transposed ' if transform else ''}for {ours})")
+            continue
+        target.value = np.asarray(value, dtype=target.value.dtype)
+        used.add(theirs)
+        filled.add(ours)
+    for alias, source in tied.items():
+        if alias in as_numpy:
+            if source in as_numpy and not np.array_equal(as_numpy[alias], as_numpy[source]):
+                problems.append(f"{alias!r} should be tied to {source!r} but differs")
+            used.add(alias)
+    for key in as_numpy:
+        if key in zero_keys or key.split(".")[-1] in zero_keys:
+            if np.any(as_numpy[key] != 0):
+                problems.append(f"{key!r} is non-zero; this architecture has no such term")
+            used.add(key)
+    unexpected = sorted(set(as_numpy) - used)
+    problems += [f"unexpected key {k!r}" for k in unexpected]
+    problems += [f"parameter {p!r} not filled by the checkpoint" for p in sorted(set(params) - filled)]
+    if problems:
+        raise CheckpointMismatch(f"{len(problems)} problem(s) loading the checkpoint:\n  " + "\n  ".join(problems))
+
+
+def _to_numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor, without importing torch here
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)

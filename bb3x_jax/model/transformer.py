@@ -1,0 +1,277 @@
+"""The BB3 family in Flax NNX: ParlAI's encoder-decoder transformer and OPT.
+
+Semantics follow ParlAI's ``TransformerGeneratorModel`` (and are tested
+against transformers' Blenderbot, BlenderbotSmall and OPT on the same
+weights):
+- token embeddings (times sqrt(d) when ``embeddings_scale``) plus learned
+  positions; ``xlm`` normalises the sum; encoder positions are
+  ``cumsum(mask) - 1`` (+ ``position_offset``), decoder positions count from
+  the cache position;
+- ``aiayn``/``xlm`` layers are post-LN: ``x = norm(x + drop(sublayer(x)))``;
+  ``prelayernorm`` layers are pre-LN: ``x = x + drop(sublayer(norm(x)))`` and the
+  stack ends with a final norm;
+- attention scales queries by 1/sqrt(head_dim), softmax in float32, through
+  ``jax.nn.dot_product_attention`` (the cuDNN kernel on GPU);
+- the encoder zeroes padded positions after every layer, as ParlAI does;
+- logits are ``h @ E^T`` with the shared embedding ``E``.
+
+Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``,
+``mlp``) for the rules table in ``bb3x_jax/sharding.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bb3x_jax.model.config import ModelConfig
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+def _init(stddev: float, names: tuple[str, ...]):
+    return nnx.with_partitioning(nnx.initializers.normal(stddev), names)
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel + bias, kernel [in, out] with logical axis names."""
+
+    def __init__(self, d_in: int, d_out: int, names: tuple[str, str], cfg: ModelConfig, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_init(1.0 / math.sqrt(d_in), names)(rngs.params(), (d_in, d_out), _dtype(cfg.param_dtype)))
+        self.bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, (names[1],))(rngs.params(), (d_out,), _dtype(cfg.param_dtype)))
+        self.dtype = _dtype(cfg.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.dot(x.astype(self.dtype), self.kernel.value.astype(self.dtype)) + self.bias.value.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm computed in float32 (eps from the config), scale and bias on ``embed``."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d = cfg.d_model
+        self.scale = nnx.Param(nnx.with_partitioning(nnx.initializers.ones, ("embed",))(rngs.params(), (d,), _dtype(cfg.param_dtype)))
+        self.bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, ("embed",))(rngs.params(), (d,), _dtype(cfg.param_dtype)))
+        self.eps = cfg.layernorm_eps
+        self.dtype = _dtype(cfg.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)).astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with separate q/k/v/out projections (ParlAI/HF layout)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d = cfg.d_model
+        self.q_lin = Dense(d, d, ("embed", "heads"), cfg, rngs)
+        self.k_lin = Dense(d, d, ("embed", "heads"), cfg, rngs)
+        self.v_lin = Dense(d, d, ("embed", "heads"), cfg, rngs)
+        self.out_lin = Dense(d, d, ("heads", "embed"), cfg, rngs)
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
+        self.dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array, kv: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
+        """``mask`` is boolean [B, 1 or H, Tq, Tk]: True where attention is allowed."""
+        b, tq, _ = x.shape
+        tk = kv.shape[1]
+        q = self.q_lin(x).reshape(b, tq, self.n_heads, self.head_dim)
+        k = self.k_lin(kv).reshape(b, tk, self.n_heads, self.head_dim)
+        v = self.v_lin(kv).reshape(b, tk, self.n_heads, self.head_dim)
+        if deterministic or self.dropout.rate == 0.0:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(self.head_dim))
+        else:  # attention dropout needs the weights, so no fused kernel here
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(self.head_dim)
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+            weights = self.dropout(jax.nn.softmax(scores, axis=-1), deterministic=False).astype(v.dtype)
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return self.out_lin(out.reshape(b, tq, self.n_heads * self.head_dim))
+
+
+class FeedForward(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.lin1 = Dense(cfg.d_model, cfg.ffn_dim, ("embed", "mlp"), cfg, rngs)
+        self.lin2 = Dense(cfg.ffn_dim, cfg.d_model, ("mlp", "embed"), cfg, rngs)
+        self.activation = cfg.activation
+        self.dropout = nnx.Dropout(cfg.activation_dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        h = self.lin1(x)
+        h = jax.nn.gelu(h, approximate=False) if self.activation == "gelu" else jax.nn.relu(h)
+        return self.lin2(self.dropout(h, deterministic=deterministic))
+
+
+class _Sublayers(nnx.Module):
+    """Applies a sublayer with the variant's residual/norm order."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.pre_ln = cfg.variant == "prelayernorm"
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+
+    def residual(self, x, norm, fn, deterministic):
+        if self.pre_ln:
+            return x + self.dropout(fn(norm(x)), deterministic=deterministic)
+        return norm(x + self.dropout(fn(x), deterministic=deterministic))
+
+
+class EncoderLayer(_Sublayers):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs)
+        self.attention = Attention(cfg, rngs)
+        self.norm1 = LayerNorm(cfg, rngs)
+        self.ffn = FeedForward(cfg, rngs)
+        self.norm2 = LayerNorm(cfg, rngs)
+
+    def __call__(self, x, mask, *, deterministic: bool):
+        x = self.residual(x, self.norm1, lambda h: self.attention(h, h, mask, deterministic=deterministic), deterministic)
+        return self.residual(x, self.norm2, lambda h: self.ffn(h, deterministic=deterministic), deterministic)
+
+
+class DecoderLayer(_Sublayers):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, cross_attention: bool):
+        super().__init__(cfg, rngs)
+        self.self_attention = Attention(cfg, rngs)
+        self.norm1 = LayerNorm(cfg, rngs)
+        if cross_attention:
+            self.encoder_attention = Attention(cfg, rngs)
+            self.norm2 = LayerNorm(cfg, rngs)
+        self.ffn = FeedForward(cfg, rngs)
+        self.norm3 = LayerNorm(cfg, rngs)
+        self.cross_attention = cross_attention
+
+    def __call__(self, x, self_mask, memory=None, memory_mask=None, *, deterministic: bool):
+        x = self.residual(
+            x, self.norm1, lambda h: self.self_attention(h, h, self_mask, deterministic=deterministic), deterministic
+        )
+        if self.cross_attention:
+            x = self.residual(
+                x,
+                self.norm2,
+                lambda h: self.encoder_attention(h, memory, memory_mask, deterministic=deterministic),
+                deterministic,
+            )
+        return self.residual(x, self.norm3, lambda h: self.ffn(h, deterministic=deterministic), deterministic)
+
+
+class _Stack(nnx.Module):
+    """Embeddings + positions (+ xlm norm) on the way in, final norm on the way out."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.position_embeddings = nnx.Param(
+            _init(cfg.d_model**-0.5, (None, "embed"))(
+                rngs.params(), (cfg.n_positions + cfg.position_offset, cfg.d_model), _dtype(cfg.param_dtype)
+            )
+        )
+        self.norm_embeddings = LayerNorm(cfg, rngs) if cfg.variant in ("xlm", "prelayernorm") else None
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+        self.cfg = cfg
+
+    def embed(self, embeddings: jax.Array, ids: jax.Array, positions: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.cfg
+        dtype = _dtype(cfg.dtype)
+        x = jnp.take(embeddings, ids, axis=0).astype(dtype)
+        if cfg.embeddings_scale:
+            x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)
+        x = x + jnp.take(self.position_embeddings.value, positions + cfg.position_offset, axis=0).astype(dtype)
+        if cfg.variant == "xlm":
+            x = self.norm_embeddings(x)
+        return self.dropout(x, deterministic=deterministic)
+
+    def finish(self, x: jax.Array) -> jax.Array:
+        return self.norm_embeddings(x) if self.cfg.variant == "prelayernorm" else x
+
+
+def _positions_from_mask(mask: jax.Array) -> jax.Array:
+    """cumsum(mask) - 1, clipped at 0: left padding does not shift positions."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class Encoder(_Stack):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs)
+        self.layers = nnx.List([EncoderLayer(cfg, rngs) for _ in range(cfg.n_encoder_layers)])
+
+    def __call__(self, embeddings, ids, *, deterministic: bool = True):
+        """Returns (encoder states [B, S, d], padding mask [B, S])."""
+        mask = ids != self.cfg.pad_id
+        x = self.embed(embeddings, ids, _positions_from_mask(mask), deterministic)
+        keep = mask[..., None].astype(x.dtype)
+        x = x * keep
+        attn_mask = mask[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, attn_mask, deterministic=deterministic) * keep
+        return self.finish(x) * keep, mask
+
+
+class Decoder(_Stack):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, cross_attention: bool):
+        super().__init__(cfg, rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs, cross_attention) for _ in range(cfg.n_decoder_layers)])
+
+    def __call__(self, embeddings, ids, positions, self_mask, memory=None, memory_mask=None, *, deterministic=True):
+        x = self.embed(embeddings, ids, positions, deterministic)
+        cross = None if memory_mask is None else memory_mask[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, self_mask, memory, cross, deterministic=deterministic)
+        return self.finish(x)
+
+
+class Transformer(nnx.Module):
+    """An encoder-decoder (``arch="encoder_decoder"``) or OPT-style decoder-only model.
+
+    ``__call__`` takes token ids and returns float32 next-token logits:
+    - encoder-decoder: ``(encoder_ids [B, S], decoder_ids [B, T]) -> [B, T, V]``
+      (``decoder_ids`` are the decoder's inputs: start tokens then the label,
+      teacher-forced);
+    - decoder-only: ``(None, ids [B, T]) -> [B, T, V]`` with causal attention
+      over the non-pad tokens.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embeddings = nnx.Param(
+            _init(cfg.d_model**-0.5, ("vocab", "embed"))(rngs.params(), (cfg.vocab_size, cfg.d_model), _dtype(cfg.param_dtype))
+        )
+        self.encoder = Encoder(cfg, rngs) if cfg.arch == "encoder_decoder" else None
+        self.decoder = Decoder(cfg, rngs, cross_attention=cfg.arch == "encoder_decoder")
+
+    def encode(self, encoder_ids, *, deterministic: bool = True):
+        return self.encoder(self.embeddings.value, encoder_ids, deterministic=deterministic)
+
+    def decode(self, decoder_ids, memory=None, memory_mask=None, *, deterministic: bool = True) -> jax.Array:
+        """Teacher-forced decoder states over the whole sequence."""
+        cfg = self.cfg
+        t = decoder_ids.shape[1]
+        causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
+        if cfg.arch == "decoder_only":
+            valid = decoder_ids != cfg.pad_id
+            positions = _positions_from_mask(valid)
+            self_mask = causal & valid[:, None, None, :]
+        else:
+            positions = jnp.broadcast_to(jnp.arange(t), decoder_ids.shape)
+            self_mask = causal
+        return self.decoder(
+            self.embeddings.value, decoder_ids, positions, self_mask, memory, memory_mask, deterministic=deterministic
+        )
+
+    def output(self, states: jax.Array) -> jax.Array:
+        """Logits in float32: states @ E^T with the shared embedding."""
+        return jnp.dot(states.astype(jnp.float32), self.embeddings.value.astype(jnp.float32).T)
+
+    def __call__(self, encoder_ids, decoder_ids, *, deterministic: bool = True) -> jax.Array:
+        if self.cfg.arch == "encoder_decoder":
+            memory, memory_mask = self.encode(encoder_ids, deterministic=deterministic)
+            states = self.decode(decoder_ids, memory, memory_mask, deterministic=deterministic)
+        else:
+            states = self.decode(decoder_ids, deterministic=deterministic)
+        return self.output(states)
