@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -132,11 +133,11 @@ def load_state_dict(
             continue
         value = as_numpy[theirs].T if transform == "T" else as_numpy[theirs]
         target = params[ours]
-        if value.shape != target.value.shape:
-            problems.append(f"shape of {theirs!r} is {as_numpy[theirs].shape}, expected {tuple(target.value.shape)} "
+        if value.shape != tuple(target.shape):
+            problems.append(f"shape of {theirs!r} is {as_numpy[theirs].shape}, expected {tuple(target.shape)} "
                             f"({'transposed ' if transform else ''}for {ours})")
             continue
-        target.value = np.asarray(value, dtype=target.value.dtype)
+        target.set_value(jnp.asarray(value, dtype=target.dtype))
         used.add(theirs)
         filled.add(ours)
     for alias, source in tied.items():

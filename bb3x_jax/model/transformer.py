@@ -47,7 +47,7 @@ class Dense(nnx.Module):
         self.dtype = _dtype(cfg.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.dot(x.astype(self.dtype), self.kernel.value.astype(self.dtype)) + self.bias.value.astype(self.dtype)
+        return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype)) + self.bias[...].astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -65,7 +65,7 @@ class LayerNorm(nnx.Module):
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)).astype(self.dtype)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
 
 class Attention(nnx.Module):
@@ -182,7 +182,7 @@ class _Stack(nnx.Module):
         x = jnp.take(embeddings, ids, axis=0).astype(dtype)
         if cfg.embeddings_scale:
             x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)
-        x = x + jnp.take(self.position_embeddings.value, positions + cfg.position_offset, axis=0).astype(dtype)
+        x = x + jnp.take(self.position_embeddings[...], positions + cfg.position_offset, axis=0).astype(dtype)
         if cfg.variant == "xlm":
             x = self.norm_embeddings(x)
         return self.dropout(x, deterministic=deterministic)
@@ -246,7 +246,7 @@ class Transformer(nnx.Module):
         self.decoder = Decoder(cfg, rngs, cross_attention=cfg.arch == "encoder_decoder")
 
     def encode(self, encoder_ids, *, deterministic: bool = True):
-        return self.encoder(self.embeddings.value, encoder_ids, deterministic=deterministic)
+        return self.encoder(self.embeddings[...], encoder_ids, deterministic=deterministic)
 
     def decode(self, decoder_ids, memory=None, memory_mask=None, *, deterministic: bool = True) -> jax.Array:
         """Teacher-forced decoder states over the whole sequence."""
@@ -261,12 +261,12 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(t), decoder_ids.shape)
             self_mask = causal
         return self.decoder(
-            self.embeddings.value, decoder_ids, positions, self_mask, memory, memory_mask, deterministic=deterministic
+            self.embeddings[...], decoder_ids, positions, self_mask, memory, memory_mask, deterministic=deterministic
         )
 
     def output(self, states: jax.Array) -> jax.Array:
         """Logits in float32: states @ E^T with the shared embedding."""
-        return jnp.dot(states.astype(jnp.float32), self.embeddings.value.astype(jnp.float32).T)
+        return jnp.dot(states.astype(jnp.float32), self.embeddings[...].astype(jnp.float32).T)
 
     def __call__(self, encoder_ids, decoder_ids, *, deterministic: bool = True) -> jax.Array:
         if self.cfg.arch == "encoder_decoder":

@@ -1,0 +1,39 @@
+"""Tiny random transformers models with odd sizes, and our configs for the same shapes."""
+
+from __future__ import annotations
+
+import torch
+from flax import nnx
+from transformers import BlenderbotConfig, BlenderbotForConditionalGeneration, OPTConfig, OPTForCausalLM
+
+from bb3x_jax.model import config, transformer
+
+
+def tiny_blenderbot(seed: int = 0):
+    torch.manual_seed(seed)
+    hf_config = BlenderbotConfig(
+        vocab_size=67, d_model=24, encoder_layers=2, decoder_layers=3, encoder_attention_heads=3,
+        decoder_attention_heads=3, encoder_ffn_dim=40, decoder_ffn_dim=40, max_position_embeddings=32,
+        activation_function="gelu", scale_embedding=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        decoder_start_token_id=1, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+    )
+    ours = config.ModelConfig(vocab_size=67, d_model=24, n_heads=3, ffn_dim=40, n_encoder_layers=2,
+                              n_decoder_layers=3, n_positions=32)
+    return BlenderbotForConditionalGeneration(hf_config).eval(), ours
+
+
+def tiny_opt(seed: int = 0):
+    torch.manual_seed(seed)
+    hf_config = OPTConfig(
+        vocab_size=71, hidden_size=24, num_hidden_layers=2, ffn_dim=44, num_attention_heads=3,
+        max_position_embeddings=40, pad_token_id=1, bos_token_id=2, eos_token_id=2, dropout=0.0,
+        attention_dropout=0.0, activation_function="relu", do_layer_norm_before=True, word_embed_proj_dim=24,
+    )
+    ours = config.preset("tiny_opt", vocab_size=71, d_model=24, n_heads=3, ffn_dim=44, n_decoder_layers=2,
+                         n_positions=40)
+    return OPTForCausalLM(hf_config).eval(), ours
+
+
+def new_model(cfg, seed: int = 1):
+    with nnx.use_eager_sharding(False):
+        return transformer.Transformer(cfg, rngs=nnx.Rngs(seed))
