@@ -38,12 +38,30 @@ def _init(stddev: float, names: tuple[str, ...]):
     return nnx.with_partitioning(nnx.initializers.normal(stddev), names)
 
 
+class _Keys:
+    """Parameter keys folded from one base key by a counter.
+
+    Drawing every key through ``nnx.Rngs`` updates its state each time, which
+    makes tracing a 96-layer model (``eval_shape``) slow; folding in a counter
+    is cheap and just as deterministic.
+    """
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.rngs = rngs
+        self._base = rngs.params()
+        self._count = 0
+
+    def __call__(self) -> jax.Array:
+        self._count += 1
+        return jax.random.fold_in(self._base, self._count)
+
+
 class Dense(nnx.Module):
     """y = x @ kernel + bias, kernel [in, out] with logical axis names."""
 
-    def __init__(self, d_in: int, d_out: int, names: tuple[str, str], cfg: ModelConfig, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(_init(1.0 / math.sqrt(d_in), names)(rngs.params(), (d_in, d_out), _dtype(cfg.param_dtype)))
-        self.bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, (names[1],))(rngs.params(), (d_out,), _dtype(cfg.param_dtype)))
+    def __init__(self, d_in: int, d_out: int, names: tuple[str, str], cfg: ModelConfig, rngs: _Keys):
+        self.kernel = nnx.Param(_init(1.0 / math.sqrt(d_in), names)(rngs(), (d_in, d_out), _dtype(cfg.param_dtype)))
+        self.bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, (names[1],))(rngs(), (d_out,), _dtype(cfg.param_dtype)))
         self.dtype = _dtype(cfg.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -53,10 +71,10 @@ class Dense(nnx.Module):
 class LayerNorm(nnx.Module):
     """LayerNorm computed in float32 (eps from the config), scale and bias on ``embed``."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: _Keys):
         d = cfg.d_model
-        self.scale = nnx.Param(nnx.with_partitioning(nnx.initializers.ones, ("embed",))(rngs.params(), (d,), _dtype(cfg.param_dtype)))
-        self.bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, ("embed",))(rngs.params(), (d,), _dtype(cfg.param_dtype)))
+        self.scale = nnx.Param(nnx.with_partitioning(nnx.initializers.ones, ("embed",))(rngs(), (d,), _dtype(cfg.param_dtype)))
+        self.bias = nnx.Param(nnx.with_partitioning(nnx.initializers.zeros, ("embed",))(rngs(), (d,), _dtype(cfg.param_dtype)))
         self.eps = cfg.layernorm_eps
         self.dtype = _dtype(cfg.dtype)
 
@@ -71,7 +89,7 @@ class LayerNorm(nnx.Module):
 class Attention(nnx.Module):
     """Multi-head attention with separate q/k/v/out projections (ParlAI/HF layout)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: _Keys):
         d = cfg.d_model
         self.q_lin = Dense(d, d, ("embed", "heads"), cfg, rngs)
         self.k_lin = Dense(d, d, ("embed", "heads"), cfg, rngs)
@@ -79,7 +97,7 @@ class Attention(nnx.Module):
         self.out_lin = Dense(d, d, ("heads", "embed"), cfg, rngs)
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.head_dim
-        self.dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs)
+        self.dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs.rngs)
 
     def __call__(self, x: jax.Array, kv: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
         """``mask`` is boolean [B, 1 or H, Tq, Tk]: True where attention is allowed."""
@@ -99,11 +117,11 @@ class Attention(nnx.Module):
 
 
 class FeedForward(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: _Keys):
         self.lin1 = Dense(cfg.d_model, cfg.ffn_dim, ("embed", "mlp"), cfg, rngs)
         self.lin2 = Dense(cfg.ffn_dim, cfg.d_model, ("mlp", "embed"), cfg, rngs)
         self.activation = cfg.activation
-        self.dropout = nnx.Dropout(cfg.activation_dropout, rngs=rngs)
+        self.dropout = nnx.Dropout(cfg.activation_dropout, rngs=rngs.rngs)
 
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
         h = self.lin1(x)
@@ -114,9 +132,9 @@ class FeedForward(nnx.Module):
 class _Sublayers(nnx.Module):
     """Applies a sublayer with the variant's residual/norm order."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: _Keys):
         self.pre_ln = cfg.variant == "prelayernorm"
-        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs.rngs)
 
     def residual(self, x, norm, fn, deterministic):
         if self.pre_ln:
@@ -125,7 +143,7 @@ class _Sublayers(nnx.Module):
 
 
 class EncoderLayer(_Sublayers):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: _Keys):
         super().__init__(cfg, rngs)
         self.attention = Attention(cfg, rngs)
         self.norm1 = LayerNorm(cfg, rngs)
@@ -138,7 +156,7 @@ class EncoderLayer(_Sublayers):
 
 
 class DecoderLayer(_Sublayers):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, cross_attention: bool):
+    def __init__(self, cfg: ModelConfig, rngs: _Keys, cross_attention: bool):
         super().__init__(cfg, rngs)
         self.self_attention = Attention(cfg, rngs)
         self.norm1 = LayerNorm(cfg, rngs)
@@ -166,14 +184,14 @@ class DecoderLayer(_Sublayers):
 class _Stack(nnx.Module):
     """Embeddings + positions (+ xlm norm) on the way in, final norm on the way out."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: _Keys):
         self.position_embeddings = nnx.Param(
             _init(cfg.d_model**-0.5, (None, "embed"))(
-                rngs.params(), (cfg.n_positions + cfg.position_offset, cfg.d_model), _dtype(cfg.param_dtype)
+                rngs(), (cfg.n_positions + cfg.position_offset, cfg.d_model), _dtype(cfg.param_dtype)
             )
         )
         self.norm_embeddings = LayerNorm(cfg, rngs) if cfg.variant in ("xlm", "prelayernorm") else None
-        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs.rngs)
         self.cfg = cfg
 
     def embed(self, embeddings: jax.Array, ids: jax.Array, positions: jax.Array, deterministic: bool) -> jax.Array:
@@ -197,7 +215,7 @@ def _positions_from_mask(mask: jax.Array) -> jax.Array:
 
 
 class Encoder(_Stack):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: _Keys):
         super().__init__(cfg, rngs)
         self.layers = nnx.List([EncoderLayer(cfg, rngs) for _ in range(cfg.n_encoder_layers)])
 
@@ -214,7 +232,7 @@ class Encoder(_Stack):
 
 
 class Decoder(_Stack):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, cross_attention: bool):
+    def __init__(self, cfg: ModelConfig, rngs: _Keys, cross_attention: bool):
         super().__init__(cfg, rngs)
         self.layers = nnx.List([DecoderLayer(cfg, rngs, cross_attention) for _ in range(cfg.n_decoder_layers)])
 
@@ -238,9 +256,10 @@ class Transformer(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        rngs = _Keys(rngs)
         self.cfg = cfg
         self.embeddings = nnx.Param(
-            _init(cfg.d_model**-0.5, ("vocab", "embed"))(rngs.params(), (cfg.vocab_size, cfg.d_model), _dtype(cfg.param_dtype))
+            _init(cfg.d_model**-0.5, ("vocab", "embed"))(rngs(), (cfg.vocab_size, cfg.d_model), _dtype(cfg.param_dtype))
         )
         self.encoder = Encoder(cfg, rngs) if cfg.arch == "encoder_decoder" else None
         self.decoder = Decoder(cfg, rngs, cross_attention=cfg.arch == "encoder_decoder")
