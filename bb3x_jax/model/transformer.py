@@ -99,13 +99,18 @@ class Attention(nnx.Module):
         self.head_dim = cfg.head_dim
         self.dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs.rngs)
 
-    def __call__(self, x: jax.Array, kv: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
-        """``mask`` is boolean [B, 1 or H, Tq, Tk]: True where attention is allowed."""
-        b, tq, _ = x.shape
-        tk = kv.shape[1]
-        q = self.q_lin(x).reshape(b, tq, self.n_heads, self.head_dim)
+    def project_kv(self, kv: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values [B, S, H, Dh] of a sequence (cacheable)."""
+        b, tk, _ = kv.shape
         k = self.k_lin(kv).reshape(b, tk, self.n_heads, self.head_dim)
         v = self.v_lin(kv).reshape(b, tk, self.n_heads, self.head_dim)
+        return k, v
+
+    def attend(self, x: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
+        """Queries from ``x`` over keys/values; ``mask`` is boolean [B, 1 or H, Tq, Tk], True = allowed."""
+        b, tq, _ = x.shape
+        q = self.q_lin(x).reshape(b, tq, self.n_heads, self.head_dim)
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
         if deterministic or self.dropout.rate == 0.0:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(self.head_dim))
         else:  # attention dropout needs the weights, so no fused kernel here
@@ -114,6 +119,9 @@ class Attention(nnx.Module):
             weights = self.dropout(jax.nn.softmax(scores, axis=-1), deterministic=False).astype(v.dtype)
             out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         return self.out_lin(out.reshape(b, tq, self.n_heads * self.head_dim))
+
+    def __call__(self, x: jax.Array, kv: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
+        return self.attend(x, *self.project_kv(kv), mask, deterministic=deterministic)
 
 
 class FeedForward(nnx.Module):
@@ -179,6 +187,26 @@ class DecoderLayer(_Sublayers):
                 deterministic,
             )
         return self.residual(x, self.norm3, lambda h: self.ffn(h, deterministic=deterministic), deterministic)
+
+    def cached(self, x, self_mask, cache: dict, index, cross_mask=None):
+        """One decoding call: writes the new tokens' keys/values at ``index``; returns (x, cache)."""
+        new = dict(cache)
+
+        def self_attention(h):
+            k, v = self.self_attention.project_kv(h)
+            new["k"] = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
+            new["v"] = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+            return self.self_attention.attend(h, new["k"], new["v"], self_mask, deterministic=True)
+
+        x = self.residual(x, self.norm1, self_attention, True)
+        if self.cross_attention:
+            x = self.residual(
+                x,
+                self.norm2,
+                lambda h: self.encoder_attention.attend(h, cache["xk"], cache["xv"], cross_mask, deterministic=True),
+                True,
+            )
+        return self.residual(x, self.norm3, lambda h: self.ffn(h, deterministic=True), True), new
 
 
 class _Stack(nnx.Module):
@@ -282,6 +310,66 @@ class Transformer(nnx.Module):
         return self.decoder(
             self.embeddings[...], decoder_ids, positions, self_mask, memory, memory_mask, deterministic=deterministic
         )
+
+    def init_cache(self, batch: int, max_len: int, memory=None, memory_mask=None) -> dict:
+        """An empty decoding cache for ``max_len`` decoder tokens (explicit state, a pytree).
+
+        Holds each layer's self-attention keys/values, the encoder memory's
+        cross-attention keys/values (computed once here), which cached
+        positions are real tokens, and per row the count of real tokens so far
+        (decoder-only positions skip left padding).
+        """
+        cfg = self.cfg
+        dtype = _dtype(cfg.dtype)
+        shape = (batch, max_len, cfg.n_heads, cfg.head_dim)
+        layers = []
+        for layer in self.decoder.layers:
+            entry = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            if layer.cross_attention:
+                entry["xk"], entry["xv"] = layer.encoder_attention.project_kv(memory)
+            layers.append(entry)
+        return {
+            "layers": layers,
+            "index": jnp.zeros((), jnp.int32),
+            "valid": jnp.zeros((batch, max_len), bool),
+            "count": jnp.zeros((batch,), jnp.int32),
+            "memory_mask": memory_mask,
+        }
+
+    def decode_cached(self, ids: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        """Logits [B, t, V] of ``t`` new decoder tokens after the cached ones, and the updated cache.
+
+        Equal to the full forward's logits at those positions (tested): use it
+        for a prompt (t > 1) and then token by token (t = 1).
+        """
+        cfg = self.cfg
+        index = cache["index"]
+        t = ids.shape[1]
+        max_len = cache["valid"].shape[1]
+        if cfg.arch == "decoder_only":
+            new_valid = ids != cfg.pad_id
+            positions = jnp.maximum(cache["count"][:, None] + jnp.cumsum(new_valid.astype(jnp.int32), axis=1) - 1, 0)
+        else:
+            new_valid = jnp.ones(ids.shape, bool)
+            positions = jnp.broadcast_to(index + jnp.arange(t), ids.shape)
+        valid = jax.lax.dynamic_update_slice(cache["valid"], new_valid, (0, index))
+        query_pos = index + jnp.arange(t)
+        causal = jnp.arange(max_len)[None, :] <= query_pos[:, None]
+        self_mask = causal[None, None] & valid[:, None, None, :]
+        cross_mask = None if cache["memory_mask"] is None else cache["memory_mask"][:, None, None, :]
+        x = self.decoder.embed(self.embeddings[...], ids, positions, True)
+        layers = []
+        for layer, entry in zip(self.decoder.layers, cache["layers"]):
+            x, entry = layer.cached(x, self_mask, entry, index, cross_mask)
+            layers.append(entry)
+        new_cache = {
+            "layers": layers,
+            "index": index + t,
+            "valid": valid,
+            "count": cache["count"] + new_valid.sum(axis=1, dtype=jnp.int32),
+            "memory_mask": cache["memory_mask"],
+        }
+        return self.output(self.decoder.finish(x)), new_cache
 
     def output(self, states: jax.Array) -> jax.Array:
         """Logits in float32: states @ E^T with the shared embedding."""
