@@ -177,6 +177,12 @@ def _encode_context_rows(
     n, T = len(texts), text_truncate
     if n == 0:
         return _TokenRows(np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    if not getattr(tokenizer, "turnwise_exact", True):
+        # Whole-string tokenizers (ParlAI's GPT-2 BPE: "\n\n" can be one token)
+        # do not split at turn boundaries; they left-truncate exactly themselves.
+        rows = tokenizer.encode_contexts(texts, T, chars_per_token=chars_per_token)
+        flat, lengths = _flatten(rows)
+        return _TokenRows(flat, np.cumsum(lengths) - lengths, lengths)
     delim = np.asarray(tokenizer.delimiter_ids, dtype=np.int32)
     dl = len(delim)
     budget = max(1, int(T * chars_per_token))

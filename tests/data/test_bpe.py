@@ -545,3 +545,22 @@ def test_bad_files_are_rejected(files, tmp_path):
     with pytest.raises(ValueError, match="datapath"):
         ParlaiBpeTokenizer.from_parlai_files(files["dict"])
     assert os.path.exists(files["dict"])
+
+
+def test_pipeline_batches_with_whole_string_tokenizer_are_exact(gpt2_tok):
+    """The input pipeline's contexts equal encode(context)[-T:] for a whole-string BPE tokenizer."""
+    from bb3x_jax.data import pipeline
+
+    texts = _random_texts(40, seed=9)
+    source = [
+        {"context": "\n\n\n".join(texts[i : i + 3]) + (" \n\n" if i % 2 else ""), "label": texts[i], "feedback": 1}
+        for i in range(0, 36)
+    ]
+    config = pipeline.PipelineConfig.for_eval(8, text_truncate=24, label_truncate=10, prefetch=0)
+    iterator = pipeline.BatchIterator(source, gpt2_tok, config, process_index=0, process_count=1)
+    for batch in iterator:
+        for row, index in zip(batch["context_ids"], batch["index"]):
+            if index < 0:
+                continue
+            expected = gpt2_tok.encode(source[index]["context"])[-24:]
+            assert row[: len(expected)].tolist() == expected and not row[len(expected):].any()
