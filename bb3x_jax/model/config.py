@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 ARCHS = ("encoder_decoder", "decoder_only")
-VARIANTS = ("aiayn", "xlm", "prelayernorm")
+VARIANTS = ("aiayn", "xlm", "prelayernorm", "bart")
 ACTIVATIONS = ("gelu", "relu")
 
 
@@ -28,7 +28,9 @@ class ModelConfig:
     n_decoder_layers: int = 6
     n_positions: int = 1024
     # ParlAI's transformer variant: aiayn = post-LN; xlm = post-LN plus a norm of
-    # the embeddings; prelayernorm = pre-LN plus a final norm after the stack.
+    # the embeddings (encoder: after adding positions; decoder: before, as
+    # ParlAI does); bart = post-LN plus a norm after adding positions in both;
+    # prelayernorm = pre-LN plus a final norm after the stack.
     variant: str = "prelayernorm"
     activation: str = "gelu"  # gelu is the exact (erf) gelu, as torch's default
     embeddings_scale: bool = True  # multiply token embeddings by sqrt(d_model)
@@ -73,8 +75,9 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-# BB3-3B / R2C2 (ParlAI zoo bb3/bb3_3B, the `bart` model type): GPT-2 BPE dictionary
-# (50,260 entries incl. 4 specials, padded to a multiple of 8).
+# BB3-3B / R2C2 (ParlAI zoo bb3/bb3_3B, the `bart` model type with the
+# prelayernorm variant): GPT-2 BPE dictionary, 50,257 + 4 specials padded to a
+# multiple of 8 (UNVERIFIED against the real model.dict).
 BB3_3B = ModelConfig(
     arch="encoder_decoder", vocab_size=50264, d_model=2048, n_heads=32, ffn_dim=8192,
     n_encoder_layers=22, n_decoder_layers=22, n_positions=1024, variant="prelayernorm",

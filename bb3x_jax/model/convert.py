@@ -47,15 +47,17 @@ def _ffn(ours: str, theirs: str) -> list[Row]:
 
 
 def hf_blenderbot_table(cfg: ModelConfig) -> tuple[list[Row], dict[str, str]]:
-    """Rows for transformers' BlenderbotForConditionalGeneration (prelayernorm), plus tied aliases."""
-    if cfg.arch != "encoder_decoder" or cfg.variant != "prelayernorm":
-        raise ValueError("transformers' Blenderbot is the prelayernorm encoder-decoder")
+    """Rows for transformers' BlenderbotForConditionalGeneration (prelayernorm) or
+    BlenderbotSmallForConditionalGeneration (ParlAI's xlm variant), plus tied aliases."""
+    if cfg.arch != "encoder_decoder" or cfg.variant not in ("prelayernorm", "xlm"):
+        raise ValueError("transformers' Blenderbot is the prelayernorm, BlenderbotSmall the xlm encoder-decoder")
+    norm = "layer_norm" if cfg.variant == "prelayernorm" else "layernorm_embedding"
     rows: list[Row] = [
         ("embeddings", "model.shared.weight", None),
         ("encoder.position_embeddings", "model.encoder.embed_positions.weight", None),
         ("decoder.position_embeddings", "model.decoder.embed_positions.weight", None),
-        *_norm("encoder.norm_embeddings", "model.encoder.layer_norm"),
-        *_norm("decoder.norm_embeddings", "model.decoder.layer_norm"),
+        *_norm("encoder.norm_embeddings", f"model.encoder.{norm}"),
+        *_norm("decoder.norm_embeddings", f"model.decoder.{norm}"),
     ]
     for i in range(cfg.n_encoder_layers):
         ours, theirs = f"encoder.layers.{i}", f"model.encoder.layers.{i}"

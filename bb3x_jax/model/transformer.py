@@ -4,10 +4,12 @@ Semantics follow ParlAI's ``TransformerGeneratorModel`` (and are tested
 against transformers' Blenderbot, BlenderbotSmall and OPT on the same
 weights):
 - token embeddings (times sqrt(d) when ``embeddings_scale``) plus learned
-  positions; ``xlm`` normalises the sum; encoder positions are
-  ``cumsum(mask) - 1`` (+ ``position_offset``), decoder positions count from
-  the cache position;
-- ``aiayn``/``xlm`` layers are post-LN: ``x = norm(x + drop(sublayer(x)))``;
+  positions; ``xlm`` normalises the sum in the encoder but the token
+  embeddings before the positions in the decoder (ParlAI's order, also
+  transformers' BlenderbotSmall), ``bart`` normalises the sum in both;
+  encoder positions are ``cumsum(mask) - 1`` (+ ``position_offset``), decoder
+  positions count from the cache position;
+- ``aiayn``/``xlm``/``bart`` layers are post-LN: ``x = norm(x + drop(sublayer(x)))``;
   ``prelayernorm`` layers are pre-LN: ``x = x + drop(sublayer(norm(x)))`` and the
   stack ends with a final norm;
 - attention scales queries by 1/sqrt(head_dim), softmax in float32, through
@@ -218,9 +220,10 @@ class _Stack(nnx.Module):
                 rngs(), (cfg.n_positions + cfg.position_offset, cfg.d_model), _dtype(cfg.param_dtype)
             )
         )
-        self.norm_embeddings = LayerNorm(cfg, rngs) if cfg.variant in ("xlm", "prelayernorm") else None
+        self.norm_embeddings = LayerNorm(cfg, rngs) if cfg.variant != "aiayn" else None
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs.rngs)
         self.cfg = cfg
+        self.is_decoder = False
 
     def embed(self, embeddings: jax.Array, ids: jax.Array, positions: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.cfg
@@ -228,8 +231,10 @@ class _Stack(nnx.Module):
         x = jnp.take(embeddings, ids, axis=0).astype(dtype)
         if cfg.embeddings_scale:
             x = x * jnp.asarray(math.sqrt(cfg.d_model), dtype)
+        if cfg.variant == "xlm" and self.is_decoder:
+            x = self.norm_embeddings(x)
         x = x + jnp.take(self.position_embeddings[...], positions + cfg.position_offset, axis=0).astype(dtype)
-        if cfg.variant == "xlm":
+        if cfg.variant == "bart" or (cfg.variant == "xlm" and not self.is_decoder):
             x = self.norm_embeddings(x)
         return self.dropout(x, deterministic=deterministic)
 
@@ -262,6 +267,7 @@ class Encoder(_Stack):
 class Decoder(_Stack):
     def __init__(self, cfg: ModelConfig, rngs: _Keys, cross_attention: bool):
         super().__init__(cfg, rngs)
+        self.is_decoder = True
         self.layers = nnx.List([DecoderLayer(cfg, rngs, cross_attention) for _ in range(cfg.n_decoder_layers)])
 
     def __call__(self, embeddings, ids, positions, self_mask, memory=None, memory_mask=None, *, deterministic=True):

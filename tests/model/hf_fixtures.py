@@ -37,3 +37,28 @@ def tiny_opt(seed: int = 0):
 def new_model(cfg, seed: int = 1):
     with nnx.use_eager_sharding(False):
         return transformer.Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def tiny_blenderbot_small(seed: int = 0):
+    """transformers' BlenderbotSmall: ParlAI's xlm variant (post-LN, embedding norms)."""
+    from transformers import BlenderbotSmallConfig, BlenderbotSmallForConditionalGeneration
+
+    torch.manual_seed(seed)
+    hf_config = BlenderbotSmallConfig(
+        vocab_size=61, d_model=20, encoder_layers=2, decoder_layers=2, encoder_attention_heads=5,
+        decoder_attention_heads=5, encoder_ffn_dim=36, decoder_ffn_dim=36, max_position_embeddings=24,
+        activation_function="gelu", scale_embedding=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        decoder_start_token_id=1, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+    )
+    model = BlenderbotSmallForConditionalGeneration(hf_config).eval()
+    with torch.no_grad():
+        # transformers' BlenderbotSmall decoder does not multiply by sqrt(d) before its
+        # embedding norm (ParlAI does); LayerNorm makes that scale irrelevant except
+        # through eps, so embeddings of unit scale keep the eps effect below 1e-6.
+        model.model.shared.weight.normal_(0.0, 1.0)
+        for name, param in model.named_parameters():  # non-trivial norms
+            if "layernorm_embedding" in name or "layer_norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    ours = config.ModelConfig(vocab_size=61, d_model=20, n_heads=5, ffn_dim=36, n_encoder_layers=2,
+                              n_decoder_layers=2, n_positions=24, variant="xlm")
+    return model, ours
