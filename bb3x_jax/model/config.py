@@ -47,6 +47,9 @@ class ModelConfig:
     # Tokens that start the decoder: ParlAI's generator seeds __start__; the
     # bart agent (BB3-3B) seeds [__end__, __start__] and drops the first score.
     decoder_start: tuple[int, ...] = (1,)
+    # ParlAI's TransformerGeneratorModel sets the __start__ logit to -1e20 (its
+    # bart model and transformers' models do not).
+    mask_start_logit: bool = False
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
 

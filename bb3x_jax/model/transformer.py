@@ -379,7 +379,10 @@ class Transformer(nnx.Module):
 
     def output(self, states: jax.Array) -> jax.Array:
         """Logits in float32: states @ E^T with the shared embedding."""
-        return jnp.dot(states.astype(jnp.float32), self.embeddings[...].astype(jnp.float32).T)
+        logits = jnp.dot(states.astype(jnp.float32), self.embeddings[...].astype(jnp.float32).T)
+        if self.cfg.mask_start_logit:
+            logits = logits.at[..., self.cfg.start_id].set(-1e20)
+        return logits
 
     def __call__(self, encoder_ids, decoder_ids, *, deterministic: bool = True) -> jax.Array:
         if self.cfg.arch == "encoder_decoder":
