@@ -143,7 +143,12 @@ def state_dict_for_hf(model, cfg: ModelConfig) -> dict[str, np.ndarray]:
 
 
 def save_hf(model, cfg: ModelConfig, path: str) -> None:
-    """Writes a transformers directory that ``from_pretrained`` loads (safetensors)."""
+    """Writes a transformers directory that ``from_pretrained`` loads (safetensors).
+
+    transformers has no equivalent of ParlAI's generator start-logit mask
+    (``mask_start_logit``): a model loaded from a ParlAI generator checkpoint
+    exports with every other logit unchanged and the __start__ logit unmasked.
+    """
     import torch
     import transformers
 

@@ -1,0 +1,115 @@
+"""The public model object: ``bb3x_jax.load(path)`` and what it returns.
+
+Id conventions: ids are the checkpoint's own (ParlAI: 0 pad, 1 __start__,
+2 __end__, 3 __unk__; OPT: 1 pad, 2 </s>). ``context_ids`` and
+``label_ids`` are right-padded with the pad id; a label normally ends with the
+end token. ``logits`` is teacher-forced: entry [b, t] scores ``label_ids[b, t]``
+given the context and ``label_ids[b, :t]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bb3x_jax.model.config import ModelConfig
+from bb3x_jax.model.transformer import Transformer
+
+
+def _left_align(ids: jax.Array, pad_id: int) -> jax.Array:
+    """Moves each row's padding to the left, keeping the tokens' order."""
+    order = jnp.argsort(ids != pad_id, axis=1, stable=True)  # pads (False) first
+    return jnp.take_along_axis(ids, order, axis=1)
+
+
+@dataclasses.dataclass
+class BB3Model:
+    network: Transformer
+    config: ModelConfig
+    source: str = ""
+
+    def logits(self, context_ids, label_ids) -> jax.Array:
+        """float32 [batch, label_len, vocab] next-token logits with teacher forcing.
+
+        Encoder-decoder: the context is encoded; the decoder reads the
+        configured start tokens then the label (ParlAI's bart framing seeds
+        [__end__, __start__] and its first score is dropped). Decoder-only: the
+        context (left-aligned) and the label are one sequence; only the label
+        positions are returned.
+        """
+        cfg = self.config
+        context = jnp.asarray(context_ids)
+        label = jnp.asarray(label_ids)
+        b, t = label.shape
+        if cfg.arch == "encoder_decoder":
+            start = jnp.broadcast_to(jnp.asarray(cfg.decoder_start, label.dtype), (b, len(cfg.decoder_start)))
+            decoder_in = jnp.concatenate([start, label[:, :-1]], axis=1)
+            out = self.network(context, decoder_in)
+            return out[:, len(cfg.decoder_start) - 1 :]
+        context = _left_align(context, cfg.pad_id)
+        sequence = jnp.concatenate([context, label[:, :-1]], axis=1)
+        out = self.network(None, sequence)
+        return out[:, context.shape[1] - 1 :]
+
+    def save_pytorch(self, path: str, format: str = "hf") -> None:
+        """A transformers directory (``format="hf"``) or a ParlAI checkpoint file (``"parlai"``)."""
+        if format == "hf":
+            from bb3x_jax.model import hf
+
+            hf.save_hf(self.network, self.config, path)
+        elif format == "parlai":
+            from bb3x_jax.model import parlai
+
+            parlai.save_parlai(self.network, self.config, path)
+        else:
+            raise ValueError(f"unknown format {format!r}; expected 'hf' or 'parlai'")
+
+
+def load(path: str) -> BB3Model:
+    """A model from a transformers directory (Blenderbot, OPT) or a ParlAI checkpoint file.
+
+    metaseq checkpoints and the project's own orbax checkpoints are not
+    supported yet and fail saying so.
+    """
+    path = os.path.expanduser(os.fspath(path))
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "config.json")):
+            from bb3x_jax.model import hf
+
+            network, cfg = hf.load_hf(path)
+            return BB3Model(network, cfg, source=path)
+        if any(name.startswith(("_CHECKPOINT", "_METADATA")) or name.isdigit() for name in os.listdir(path)):
+            raise NotImplementedError(f"{path}: orbax checkpoints are not supported by load() yet")
+        raise FileNotFoundError(f"{path}: a folder without config.json (not a transformers directory)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(path)
+    import torch
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(checkpoint, dict) and "model" in checkpoint and "opt" in checkpoint:
+        from bb3x_jax.model import parlai
+
+        network, cfg, report = parlai.load_parlai(path)
+        if report.ignored_keys:
+            print(f"bb3x_jax.load: {len(report.ignored_keys)} key(s) outside the generator ignored: "
+                  + json.dumps(report.ignored_keys[:10]))
+        return BB3Model(network, cfg, source=path)
+    if isinstance(checkpoint, dict) and ("cfg" in checkpoint or "args" in checkpoint):
+        raise NotImplementedError(f"{path}: metaseq checkpoints are not supported yet")
+    raise ValueError(f"{path}: not a ParlAI checkpoint (a dict with 'model' and 'opt')")
+
+
+def count_mismatch(a: BB3Model, b: BB3Model) -> int:
+    """Number of parameters that differ between two models (0 = bit-exact)."""
+    from flax import nnx
+
+    differ = 0
+    for (_, x), (_, y) in zip(nnx.iter_graph(a.network), nnx.iter_graph(b.network)):
+        if isinstance(x, nnx.Param) and not np.array_equal(np.asarray(x[...]), np.asarray(y[...])):
+            differ += 1
+    return differ
