@@ -21,12 +21,6 @@ from bb3x_jax.model.config import ModelConfig
 from bb3x_jax.model.transformer import Transformer
 
 
-def _left_align(ids: jax.Array, pad_id: int) -> jax.Array:
-    """Moves each row's padding to the left, keeping the tokens' order."""
-    order = jnp.argsort(ids != pad_id, axis=1, stable=True)  # pads (False) first
-    return jnp.take_along_axis(ids, order, axis=1)
-
-
 @dataclasses.dataclass
 class BB3Model:
     network: Transformer
@@ -34,27 +28,9 @@ class BB3Model:
     source: str = ""
 
     def logits(self, context_ids, label_ids) -> jax.Array:
-        """float32 [batch, label_len, vocab] next-token logits with teacher forcing.
-
-        Encoder-decoder: the context is encoded; the decoder reads the
-        configured start tokens then the label (ParlAI's bart framing seeds
-        [__end__, __start__] and its first score is dropped). Decoder-only: the
-        context (left-aligned) and the label are one sequence; only the label
-        positions are returned.
-        """
-        cfg = self.config
-        context = jnp.asarray(context_ids)
-        label = jnp.asarray(label_ids)
-        b, t = label.shape
-        if cfg.arch == "encoder_decoder":
-            start = jnp.broadcast_to(jnp.asarray(cfg.decoder_start, label.dtype), (b, len(cfg.decoder_start)))
-            decoder_in = jnp.concatenate([start, label[:, :-1]], axis=1)
-            out = self.network(context, decoder_in)
-            return out[:, len(cfg.decoder_start) - 1 :]
-        context = _left_align(context, cfg.pad_id)
-        sequence = jnp.concatenate([context, label[:, :-1]], axis=1)
-        out = self.network(None, sequence)
-        return out[:, context.shape[1] - 1 :]
+        """float32 [batch, label_len, vocab] next-token logits with teacher forcing
+        (see ``Transformer.label_logits`` for the framing)."""
+        return self.network.label_logits(jnp.asarray(context_ids), jnp.asarray(label_ids))
 
     def save_pytorch(self, path: str, format: str = "hf") -> None:
         """A transformers directory (``format="hf"``) or a ParlAI checkpoint file (``"parlai"``)."""

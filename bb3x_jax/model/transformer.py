@@ -384,6 +384,25 @@ class Transformer(nnx.Module):
             logits = logits.at[..., self.cfg.start_id].set(-1e20)
         return logits
 
+    def label_logits(self, context_ids, label_ids, *, deterministic: bool = True) -> jax.Array:
+        """Teacher-forced float32 logits [B, T, V]: entry t scores ``label_ids[:, t]``.
+
+        Encoder-decoder: the decoder reads ``decoder_start`` then the label
+        (ParlAI's bart framing seeds [__end__, __start__] and drops the first
+        score). Decoder-only: the context, left-aligned, then the label as one
+        sequence; only the label positions are returned.
+        """
+        cfg = self.cfg
+        b = label_ids.shape[0]
+        if cfg.arch == "encoder_decoder":
+            start = jnp.broadcast_to(jnp.asarray(cfg.decoder_start, label_ids.dtype), (b, len(cfg.decoder_start)))
+            decoder_in = jnp.concatenate([start, label_ids[:, :-1]], axis=1)
+            return self(context_ids, decoder_in, deterministic=deterministic)[:, len(cfg.decoder_start) - 1 :]
+        order = jnp.argsort(context_ids != cfg.pad_id, axis=1, stable=True)  # padding to the left
+        context = jnp.take_along_axis(context_ids, order, axis=1)
+        sequence = jnp.concatenate([context, label_ids[:, :-1]], axis=1)
+        return self(None, sequence, deterministic=deterministic)[:, context.shape[1] - 1 :]
+
     def __call__(self, encoder_ids, decoder_ids, *, deterministic: bool = True) -> jax.Array:
         if self.cfg.arch == "encoder_decoder":
             memory, memory_mask = self.encode(encoder_ids, deterministic=deterministic)

@@ -1,0 +1,111 @@
+"""The train state and the pure, jitted train step.
+
+State is explicit and passed in and out: ``TrainState`` holds the parameters,
+the optimizer state, the step and the RNG key; the model's structure
+(``graphdef``) is static. The step is ``(state, batch) -> (state, metrics)``,
+jitted with the state donated, so the same function runs on one CPU or a
+sharded mesh (the batch and the parameters carry their shardings in).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from bb3x_jax import cringe
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    params: Any  # nnx.State of nnx.Param
+    rest: Any  # the model's other variables (RNG streams for dropout)
+    opt_state: Any
+    step: jax.Array
+    rng: jax.Array
+
+
+def lr_schedule(learning_rate: float, warmup_steps: int, total_steps: int, end_lr_ratio: float = 0.0):
+    """Linear warmup, then linear decay to ``learning_rate * end_lr_ratio`` at ``total_steps``.
+
+    Update n (counting from 1) gets ``lr * n / warmup`` while warming up:
+    starting at lr / warmup instead of 0 makes the first update count.
+    """
+
+    def schedule(count):
+        n = jnp.asarray(count).astype(jnp.float32) + 1.0
+        warm = learning_rate * jnp.minimum(1.0, n / max(warmup_steps, 1))
+        frac = jnp.clip((n - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+        decayed = learning_rate * (1.0 - (1.0 - end_lr_ratio) * frac)
+        return jnp.where(n <= warmup_steps, warm, decayed)
+
+    return schedule
+
+
+def make_optimizer(
+    *,
+    learning_rate: float,
+    warmup_steps: int,
+    total_steps: int,
+    weight_decay: float = 0.0,
+    clip_norm: float | None = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    grad_accum: int = 1,
+    end_lr_ratio: float = 0.0,
+) -> optax.GradientTransformation:
+    """AdamW with linear warmup then linear decay, global-norm clipping, optional accumulation.
+
+    With ``grad_accum`` = k, k calls average their gradients and update once
+    (``optax.MultiSteps``); the schedule counts updates, not calls.
+    """
+    schedule = lr_schedule(learning_rate, warmup_steps, total_steps, end_lr_ratio)
+    parts = []
+    if clip_norm:
+        parts.append(optax.clip_by_global_norm(clip_norm))
+    parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    tx = optax.chain(*parts)
+    return optax.MultiSteps(tx, every_k_schedule=grad_accum) if grad_accum > 1 else tx
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> tuple[Any, TrainState]:
+    """(graphdef, state) for a model; the optimizer state inherits the parameters' shardings."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    opt_state = jax.jit(tx.init)(params)
+    return graphdef, TrainState(params, rest, opt_state, jnp.zeros((), jnp.int32), jax.random.key(seed))
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, objective: str = "cringe", **objective_kwargs):
+    """The jitted ``(state, batch) -> (state, metrics)`` step (state donated).
+
+    ``batch`` has ``context_ids``, ``label_ids`` (label tokens, end token, pad)
+    and ``feedback`` as the input pipeline produces them; padding rows have
+    all-pad labels and so contribute nothing. Pass ``pad_id`` in
+    ``objective_kwargs`` for models whose pad id is not 0 (OPT: 1).
+    """
+
+    def loss_fn(model, batch, loss_key):
+        logits = model.label_logits(batch["context_ids"], batch["label_ids"], deterministic=False)
+        return cringe.objective_loss(objective, logits, batch["label_ids"], batch["feedback"], loss_key, **objective_kwargs)
+
+    def step(state: TrainState, batch: dict[str, jax.Array]):
+        rng, dropout_key, loss_key = jax.random.split(state.rng, 3)
+        model = nnx.merge(graphdef, state.params, state.rest)
+        # Dropout keys come from the state's key: a step is a pure function of (state, batch).
+        nnx.reseed(model, default=dropout_key)
+        # nnx.value_and_grad carries the model's RNG-state updates through the trace;
+        # it runs once, at trace time, inside the plain jax.jit below.
+        (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, loss_key)
+        _, _, rest = nnx.split(model, nnx.Param, ...)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+        return TrainState(params, rest, opt_state, state.step + 1, rng), metrics
+
+    return jax.jit(step, donate_argnums=0)
