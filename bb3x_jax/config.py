@@ -56,5 +56,38 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
         size = config.mesh[axis]
         _require(size == -1 or size >= 1, f"mesh.{axis}", f"must be -1 or a positive size, got {size}")
     _require(sum(config.mesh[a] == -1 for a in ("data", "fsdp", "tensor")) <= 1, "mesh", "at most one axis may be -1")
+    train = config.train
+    _require(train.objective in ("cringe", "mle", "mle_positive_only", "unlikelihood"), "train.objective",
+             f"{train.objective!r} is not one of cringe, mle, mle_positive_only, unlikelihood")
+    _require(train.k >= 1, "train.k", "must be >= 1")
+    _require(train.steps > 0, "train.steps", "must be positive")
+    _require(train.learning_rate > 0, "train.learning_rate", "must be positive")
+    _require(0 <= train.warmup_steps <= train.steps, "train.warmup_steps", "must be in [0, train.steps]")
+    _require(train.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    _require(train.log_every >= 1, "train.log_every", "must be >= 1")
+    from bb3x_jax.model import config as model_config
+
+    _require(config.model.preset in model_config.PRESETS, "model.preset",
+             f"{config.model.preset!r} is not one of {', '.join(model_config.PRESETS)}")
+    _require(0.0 <= config.model.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     feedback_policy(config)
     return config
+
+
+def model_config(config: config_dict.ConfigDict, tokenizer):
+    """The network's config: the preset, with the tokenizer's vocabulary and special ids."""
+    from bb3x_jax.model import config as model_config
+
+    cfg = model_config.preset(
+        config.model.preset,
+        vocab_size=tokenizer.vocab_size,
+        pad_id=tokenizer.pad_id,
+        start_id=tokenizer.start_id,
+        end_id=tokenizer.end_id,
+        decoder_start=(tokenizer.start_id,),
+        dropout=config.model.dropout,
+    )
+    needed = config.data.text_truncate + (config.data.label_truncate if cfg.arch == "decoder_only" else 0)
+    _require(cfg.n_positions >= max(needed, config.data.label_truncate), "model.preset",
+             f"{config.model.preset} has {cfg.n_positions} positions, the data needs {needed}")
+    return cfg

@@ -53,6 +53,29 @@ def get_config() -> config_dict.ConfigDict:
     # Device mesh: axis sizes; -1 takes the devices the other axes leave.
     config.mesh = config_dict.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
 
+    # The network: a named preset (bb3x_jax/model/config.py) with the vocabulary
+    # and special ids taken from the tokenizer.
+    config.model = config_dict.ConfigDict({"preset": "tiny", "dropout": 0.1})
+
+    # --mode=train (work in progress: no checkpoints or resume yet).
+    config.train = config_dict.ConfigDict(
+        {
+            "objective": "cringe",  # cringe | mle | mle_positive_only | unlikelihood
+            "alpha": 1.0,
+            "k": 1,
+            "detach_positives": False,
+            "train_ce_on_positive": True,
+            "steps": 300,
+            "learning_rate": 1e-3,
+            "warmup_steps": 30,
+            "weight_decay": 0.01,
+            "clip_norm": 1.0,
+            "grad_accum": 1,
+            "log_every": 10,
+            "eval_batches": 20,
+        }
+    )
+
     # --mode=data: how many batches the sharded data check runs through.
     config.data_check = config_dict.ConfigDict({"batches": 50})
     return config

@@ -67,3 +67,18 @@ def test_unknown_or_mistyped_override_fails_with_its_name(tmp_path):
     bad_value = run_main(str(tmp_path), "--config.data.stream=bots", check=False)
     assert bad_value.returncode != 0 and "config.data.stream" in bad_value.stderr
     assert not os.path.exists(os.path.join(str(tmp_path), "synthetic_release"))
+
+
+def test_train_mode_trains_logs_and_evaluates(tmp_path):
+    """--mode=train runs the CRINGE step, writes metrics.jsonl and a valid-split summary with finite numbers."""
+    workdir = str(tmp_path)
+    out = run_main(workdir, "--mode=train", "--config.train.steps=6", "--config.train.log_every=3",
+                   "--config.train.warmup_steps=2", "--config.train.eval_batches=2", "--config.data.context_buckets=(128,)")
+    summary = _last_json(out.stdout)
+    assert summary["objective"] == "cringe" and summary["steps"] == 6
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r["step"] for r in records] == [3, 6]
+    assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in records)  # finite, positive
+    valid = summary["valid"]
+    assert valid["tokens_positive"] + valid["tokens_negative"] + valid["tokens_unlabeled"] > 0
+    assert valid["ppl_unlabeled"] > 1
