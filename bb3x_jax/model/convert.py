@@ -159,6 +159,18 @@ def load_state_dict(
         raise CheckpointMismatch(f"{len(problems)} problem(s) loading the checkpoint:\n  " + "\n  ".join(problems))
 
 
+def export_state_dict(model: nnx.Module, rows: list[Row], tied: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """Our parameters under the table's keys (float32, writable for torch), tied aliases filled."""
+    params = _flat_params(model)
+    out = {}
+    for ours, theirs, transform in rows:
+        value = np.asarray(params[ours][...], dtype=np.float32)
+        out[theirs] = np.array(value.T if transform == "T" else value, order="C")
+    for alias, source in tied.items():
+        out[alias] = out[source]
+    return out
+
+
 def _to_numpy(value) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor, without importing torch here
         value = value.detach().cpu()

@@ -129,14 +129,7 @@ def load_hf(path: str, *, rngs: nnx.Rngs | None = None):
 
 def state_dict_for_hf(model, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Our parameters under transformers' keys (tied aliases and the zero output bias included)."""
-    rows, tied = table(cfg)
-    params = convert._flat_params(model)
-    out = {}
-    for ours, theirs, transform in rows:
-        value = np.asarray(params[ours][...], dtype=np.float32)
-        out[theirs] = np.array(value.T if transform == "T" else value, order="C")  # writable, for torch
-    for alias, source in tied.items():
-        out[alias] = out[source]
+    out = convert.export_state_dict(model, *table(cfg))
     if cfg.arch == "encoder_decoder":
         out["final_logits_bias"] = np.zeros((1, cfg.vocab_size), np.float32)
     return out

@@ -200,15 +200,7 @@ def load_parlai(path: str, *, rngs: nnx.Rngs | None = None):
 
 
 def state_dict_for_parlai(model, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    rows, tied = table(cfg)
-    params = convert._flat_params(model)
-    out = {}
-    for ours, theirs, transform in rows:
-        value = np.asarray(params[ours][...], dtype=np.float32)
-        out[theirs] = np.array(value.T if transform == "T" else value, order="C")
-    for alias, source in tied.items():
-        out[alias] = out[source]
-    return out
+    return convert.export_state_dict(model, *table(cfg))
 
 
 def save_parlai(model, cfg: ModelConfig, path: str, *, extra_opt: dict[str, Any] | None = None) -> None:
