@@ -16,6 +16,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from bb3x_jax.model.config import ModelConfig
 from bb3x_jax.model.transformer import Transformer
@@ -72,8 +73,8 @@ def load(path: str) -> BB3Model:
 
         network, cfg, report = parlai.load_parlai(path)
         if report.ignored_keys:
-            print(f"bb3x_jax.load: {len(report.ignored_keys)} key(s) outside the generator ignored: "
-                  + json.dumps(report.ignored_keys[:10]))
+            logging.warning("bb3x_jax.load: %d key(s) outside the generator ignored: %s",
+                            len(report.ignored_keys), json.dumps(report.ignored_keys[:10]))
         return BB3Model(network, cfg, source=path)
     if isinstance(checkpoint, dict) and ("cfg" in checkpoint or "args" in checkpoint):
         raise NotImplementedError(f"{path}: metaseq checkpoints are not supported yet")
