@@ -1,0 +1,82 @@
+"""benchmarks/torch_reference.py: its CRINGE equals ours, and it runs a few steps of each model kind."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from bb3x_jax.cringe import cringe_loss
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "torch_reference.py"
+HAS_PARLAI = importlib.util.find_spec("parlai") is not None
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("torch_reference", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _batch(seed=0, b=6, t=9, v=41, pad_id=0):
+    """Logits with the gold token often in the top 2, padded rows, all three feedback classes."""
+    r = np.random.default_rng(seed)
+    logits = r.normal(scale=2.0, size=(b, t, v)).astype(np.float32)
+    targets = r.integers(3, v, size=(b, t))
+    bi, ti = np.nonzero(r.random((b, t)) < 0.5)
+    logits[bi, ti, targets[bi, ti]] += 4.0
+    targets[1, 4:] = pad_id
+    targets[2, 7:] = pad_id
+    return logits, targets.astype(np.int32), np.array([1, 0, -1, 0, 1, 0], np.int32)
+
+
+@pytest.mark.parametrize("pad_id", [0, 1])
+def test_cringe_equals_ours(bench, pad_id):
+    """The script's torch CRINGE has bb3x_jax.cringe.cringe_loss's value and gradient (1e-5)."""
+    logits, targets, feedback = _batch(pad_id, pad_id=pad_id)
+    want = cringe_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(feedback), pad_id=pad_id)[0]
+    x = torch.tensor(logits, requires_grad=True)
+    got = bench.cringe_loss(x, torch.tensor(targets, dtype=torch.long), torch.tensor(feedback), pad_id=pad_id)
+    got.backward()
+    np.testing.assert_allclose(got.item(), float(want), rtol=1e-5, atol=1e-5)
+    grad = jax.grad(lambda z: cringe_loss(z, jnp.asarray(targets), jnp.asarray(feedback), pad_id=pad_id)[0])(
+        jnp.asarray(logits)
+    )
+    np.testing.assert_allclose(x.grad.numpy(), np.asarray(grad), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not HAS_PARLAI, reason="ParlAI is not installed")
+def test_parlai_criterion_equals_ours(bench):
+    """The parlai backend's loss (ParlAI's ContrastiveCrossEntropyLoss + its reduction) equals ours."""
+    logits, targets, feedback = _batch(3)
+    want = cringe_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(feedback))[0]
+    got = bench.parlai_loss("cringe")(torch.tensor(logits), torch.tensor(targets, dtype=torch.long),
+                                      torch.tensor(feedback, dtype=torch.long))
+    np.testing.assert_allclose(got.item(), float(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "model, backend",
+    [("tiny", "hf"), ("tiny_opt", "hf")] + ([("tiny", "parlai"), ("tiny_opt", "parlai")] if HAS_PARLAI else []),
+)
+def test_runs_and_prints_one_json_line(bench, capsys, model, backend):
+    """Two timed steps on a tiny model print one JSON line with the documented fields."""
+    bench.main(["--model", model, "--backend", backend, "--steps", "2", "--warmup", "1", "--batch", "4",
+                "--context", "12", "--label", "6", "--threads", "1"])  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    for key in ("backend", "model", "objective", "batch", "context", "label", "params", "step_s_median",
+                "step_s_mean", "tokens_per_s", "label_tokens_per_s", "threads", "torch_version"):  # fmt: skip
+        assert key in out, key
+    assert out["backend"] == backend and out["model"] == model and out["threads"] == 1
+    assert out["tokens_per_s"] == pytest.approx(4 * 18 / out["step_s_median"], rel=1e-2)
+    assert np.isfinite(out["loss_first"]) and np.isfinite(out["loss_last"])
