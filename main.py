@@ -1,11 +1,16 @@
 """bb3x-jax entry point: ``python main.py --config configs/cringe.py [--workdir DIR] [--mode MODE]``.
 
 Modes:
+  train  (default) train with config.train.objective (CRINGE by default), resuming
+         from the newest checkpoint in the workdir; validate, checkpoint, log, plot.
+  eval   likelihood metrics per feedback class of the workdir's best (or latest)
+         checkpoint on a split.
+  bench  time the real train step on synthetic batches; prints one JSON line.
   data   prepare the release (synthetic when config.data.manual_dir is empty),
          train the tokenizer, and run real batches through a sharded jitted step.
-  train  train with config.train.objective (CRINGE by default) and evaluate on
-         the valid split (work in progress: no checkpoints or resume yet).
 """
+
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -14,24 +19,48 @@ from bb3x_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cringe.py", "Configuration file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/cringe", "Where everything this run writes goes.")
-_MODE = flags.DEFINE_enum("mode", "data", ["data", "train"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "bench", "data"], "What to run.")
+
+
+class _QuietLibraries:
+    """Drops INFO chatter of orbax (several lines per checkpoint); its warnings still show."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 or "orbax" not in record.pathname
 
 
 def main(argv):
+    import logging
+
+    logging.getLogger("absl").addFilter(_QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = config_lib.validate(_CONFIG.value)
+    config_lib.initialize_distributed(config)
     import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()  # our own output says what happened
-    if _MODE.value == "data":
-        from bb3x_jax import data_check
-
-        data_check.run(config, _WORKDIR.value)
-    elif _MODE.value == "train":
+    mode, workdir = _MODE.value, _WORKDIR.value
+    if mode == "train":
         from bb3x_jax.train import loop
 
-        loop.run(config, _WORKDIR.value)
+        try:
+            loop.run(config, workdir)
+        except loop.Stopped as stopped:
+            print(stopped, file=sys.stderr)
+            sys.exit(128 + stopped.signum)  # the conventional status of a signalled job
+    elif mode == "eval":
+        from bb3x_jax.train import eval_run
+
+        eval_run.run(config, workdir)
+    elif mode == "bench":
+        from bb3x_jax.train import bench
+
+        bench.run(config, workdir)
+    elif mode == "data":
+        from bb3x_jax import data_check
+
+        data_check.run(config, workdir)
 
 
 if __name__ == "__main__":

@@ -70,8 +70,76 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
     _require(config.model.preset in model_config.PRESETS, "model.preset",
              f"{config.model.preset!r} is not one of {', '.join(model_config.PRESETS)}")
     _require(0.0 <= config.model.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    for key in ("dtype", "param_dtype"):
+        _require(config.model[key] in ("float32", "bfloat16"), f"model.{key}",
+                 f"{config.model[key]!r} is not float32 or bfloat16")
+    _require(train.eval_every >= 0, "train.eval_every", "must be >= 0")
+    _require(train.eval_batches >= 0, "train.eval_batches", "must be >= 0 (0: the whole split)")
+    ckpt = config.checkpoint
+    _require(ckpt.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
+    _require(ckpt.keep >= 1, "checkpoint.keep", "must be >= 1")
+    _require(ckpt.best_mode in ("min", "max"), "checkpoint.best_mode", f"{ckpt.best_mode!r} is not min or max")
+    _require(ckpt.best_metric in ("",) + EVAL_METRICS, "checkpoint.best_metric",
+             f"{ckpt.best_metric!r} is not a validation metric ({', '.join(EVAL_METRICS)})")
+    _require(config.eval.split in schema.SPLITS, "eval.split", f"{config.eval.split!r} is not one of {schema.SPLITS}")
+    _require(config.eval.checkpoint in ("best", "latest") or config.eval.checkpoint.isdigit(), "eval.checkpoint",
+             f"{config.eval.checkpoint!r} is not best, latest or a step number")
+    _require(config.eval.batches >= 0, "eval.batches", "must be >= 0")
+    bench = config.bench
+    for key in ("batch", "context", "label", "steps"):
+        _require(bench[key] >= 1, f"bench.{key}", "must be positive")
+    _require(bench.warmup >= 1, "bench.warmup", "must be >= 1 (the first step compiles)")
+    _require(0.0 <= bench.negative_fraction <= 1.0, "bench.negative_fraction", "must be in [0, 1]")
     feedback_policy(config)
     return config
+
+
+# Validation metrics (bb3x_jax.train.evaluate) a best checkpoint can be chosen by.
+EVAL_METRICS = tuple(
+    f"{metric}_{name}" for metric in ("nll", "ppl", "token_acc") for name in ("positive", "negative", "unlabeled")
+) + ("nll_gap_negative_minus_positive",)
+
+
+def model_overrides(config: config_dict.ConfigDict) -> dict:
+    """ModelConfig fields the run config sets on any architecture (preset or converted weights)."""
+    return {"dropout": config.model.dropout, "dtype": config.model.dtype, "param_dtype": config.model.param_dtype}
+
+
+# Config sections a resumed run may change (they do not change what was trained so far).
+_RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.init_from",
+                      "checkpoint.", "eval.", "bench.", "data_check.", "distributed.", "data.num_workers",
+                      "data.prefetch", "data.pipeline_workers", "data.manual_dir", "mesh.")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resumable(saved: dict, config: config_dict.ConfigDict) -> None:
+    """Fails naming the keys when a run is resumed with a config that changes what it trains.
+
+    Changing the step count, logging, checkpointing, the mesh or the number of
+    workers is allowed (the mesh only changes placement); anything else that
+    differs from the checkpoint's config is an error.
+    """
+    import json
+
+    now = _flatten(json.loads(config.to_json_best_effort()))
+    before = _flatten(saved)
+    changed = sorted(
+        key for key in set(now) | set(before)
+        if now.get(key) != before.get(key) and not key.startswith(_RESUMABLE_CHANGES)
+    )
+    if changed:
+        details = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:10])
+        raise ConfigError(changed[0], f"differs from the checkpoint being resumed ({details}); "
+                                      "use a new --workdir to train with a different config")
 
 
 def model_config(config: config_dict.ConfigDict, tokenizer):
@@ -85,9 +153,26 @@ def model_config(config: config_dict.ConfigDict, tokenizer):
         start_id=tokenizer.start_id,
         end_id=tokenizer.end_id,
         decoder_start=(tokenizer.start_id,),
-        dropout=config.model.dropout,
+        **model_overrides(config),
     )
     needed = config.data.text_truncate + (config.data.label_truncate if cfg.arch == "decoder_only" else 0)
     _require(cfg.n_positions >= max(needed, config.data.label_truncate), "model.preset",
              f"{config.model.preset} has {cfg.n_positions} positions, the data needs {needed}")
     return cfg
+
+
+def initialize_distributed(config: config_dict.ConfigDict) -> None:
+    """Joins the multi-host job when ``distributed.enabled`` (before any other JAX call)."""
+    dist = config.distributed
+    if not dist.enabled:
+        return
+    import jax
+
+    kwargs = {}
+    if dist.coordinator_address:
+        kwargs["coordinator_address"] = dist.coordinator_address
+    if dist.num_processes >= 0:
+        kwargs["num_processes"] = dist.num_processes
+    if dist.process_id >= 0:
+        kwargs["process_id"] = dist.process_id
+    jax.distributed.initialize(**kwargs)

@@ -55,9 +55,16 @@ def get_config() -> config_dict.ConfigDict:
 
     # The network: a named preset (bb3x_jax/model/config.py) with the vocabulary
     # and special ids taken from the tokenizer.
-    config.model = config_dict.ConfigDict({"preset": "tiny", "dropout": 0.1})
+    config.model = config_dict.ConfigDict(
+        {
+            "preset": "tiny",
+            "dropout": 0.1,
+            "dtype": "float32",  # compute dtype (bfloat16 on accelerators)
+            "param_dtype": "float32",  # parameters and optimizer state stay float32
+        }
+    )
 
-    # --mode=train (work in progress: no checkpoints or resume yet).
+    # --mode=train: the objective, the optimizer, validation, and where to start.
     config.train = config_dict.ConfigDict(
         {
             "objective": "cringe",  # cringe | mle | mle_positive_only | unlikelihood
@@ -72,8 +79,45 @@ def get_config() -> config_dict.ConfigDict:
             "clip_norm": 1.0,
             "grad_accum": 1,
             "log_every": 10,
-            "eval_batches": 20,
+            "eval_every": 100,  # validate every this many steps (0: only at the end)
+            "eval_batches": 20,  # batches of the valid split per validation (0: all)
+            # A model to start from instead of random weights: a ParlAI checkpoint
+            # file, a transformers directory, a metaseq file or an orbax checkpoint
+            # of this project (bb3x_jax.load); its vocabulary must be the tokenizer's.
+            "init_from": "",
         }
+    )
+
+    # Checkpoints in <workdir>/checkpoints; a run restarts from the newest whole one.
+    config.checkpoint = config_dict.ConfigDict(
+        {
+            "every_steps": 100,  # also saved at every validation and at the end
+            "keep": 2,  # newest checkpoints kept (plus the best)
+            "best_metric": "ppl_positive",  # validation metric of the best checkpoint ('' = none)
+            "best_mode": "min",
+            "async_save": True,  # write in the background while training goes on
+        }
+    )
+
+    # --mode=eval: likelihood metrics of a trained model on a split.
+    config.eval = config_dict.ConfigDict(
+        {
+            "split": "valid",
+            "checkpoint": "best",  # best | latest | a step number
+            "batches": 0,  # 0: the whole split
+        }
+    )
+
+    # --mode=bench: timed train steps of the real step on synthetic batches.
+    config.bench = config_dict.ConfigDict(
+        {"batch": 8, "context": 128, "label": 32, "negative_fraction": 0.5, "warmup": 3, "steps": 20}
+    )
+
+    # Multi-host runs (TPU pods, GPU clusters): every host runs the same command.
+    # With enabled=True, jax.distributed.initialize() is called first; empty /
+    # -1 values let JAX detect them (TPU, SLURM, Open MPI).
+    config.distributed = config_dict.ConfigDict(
+        {"enabled": False, "coordinator_address": "", "num_processes": -1, "process_id": -1}
     )
 
     # --mode=data: how many batches the sharded data check runs through.

@@ -23,6 +23,11 @@ def test_default_config_is_valid():
         ("data.label_truncate", 1, "data.label_truncate"),
         ("mesh.fsdp", 0, "mesh.fsdp"),
         ("data.tokenizer.kind", "bpe", "data.tokenizer.kind"),
+        ("checkpoint.best_metric", "ppl_good", "checkpoint.best_metric"),
+        ("checkpoint.keep", 0, "checkpoint.keep"),
+        ("eval.checkpoint", "newest", "eval.checkpoint"),
+        ("model.dtype", "float16", "model.dtype"),
+        ("bench.warmup", 0, "bench.warmup"),
     ],
 )
 def test_bad_values_name_their_key(key, value, message):
@@ -51,3 +56,22 @@ def test_two_free_mesh_axes_are_rejected():
     config.mesh.fsdp = -1
     with pytest.raises(config_lib.ConfigError, match="at most one axis"):
         config_lib.validate(config)
+
+
+def test_resuming_with_a_changed_training_setting_names_it():
+    """Changing what is trained (alpha, the model) on resume fails naming the key; changing the
+    step count, logging or the mesh does not."""
+    import json
+
+    saved = json.loads(cringe.get_config().to_json_best_effort())
+    allowed = cringe.get_config()
+    allowed.train.steps = 999
+    allowed.train.log_every = 1
+    allowed.mesh.data = 2
+    config_lib.check_resumable(saved, allowed)
+    for key, value in (("train.alpha", 2.0), ("model.preset", "tiny_opt"), ("data.batch_size", 16)):
+        changed = cringe.get_config()
+        section, leaf = key.split(".")
+        changed[section][leaf] = value
+        with pytest.raises(config_lib.ConfigError, match=f"config.{key}"):
+            config_lib.check_resumable(saved, changed)

@@ -47,3 +47,32 @@ def build(cfg: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None) -> Trans
 
     state = jax.jit(init, out_shardings=out_shardings)()
     return nnx.merge(graphdef, state)
+
+
+def with_params(cfg: ModelConfig, params, *, seed: int = 0, mesh: Mesh | None = None) -> Transformer:
+    """A model of ``cfg`` holding the given parameters (e.g. converted BB3 weights), placed by the rules table.
+
+    Only the non-parameter variables (dropout RNG streams) are created; XLA
+    drops the unused random initialisation of the weights from the jitted
+    constructor, so no second copy of the model is ever materialised.
+    ``cfg`` may differ from the weights' own config in what does not change
+    shapes (dropout rates, compute dtype).
+    """
+    abstract = nnx.eval_shape(lambda: _construct(cfg, seed))
+    graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
+    mismatched = [
+        f"{jax.tree_util.keystr(path)}: {a.shape} vs {b.shape}"
+        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0], jax.tree.leaves(params))
+        if a.shape != b.shape
+    ]
+    if jax.tree.structure(abstract_params) != jax.tree.structure(params) or mismatched:
+        raise ValueError(f"parameters do not fit the model config: {mismatched[:10] or 'different structure'}")
+    dtype = jax.numpy.dtype(cfg.param_dtype)
+    params = jax.tree.map(lambda x: x if x.dtype == dtype else x.astype(dtype), params)
+    if mesh is not None:
+        params = jax.device_put(params, parameter_shardings(abstract_params, mesh))
+        rest_shardings = parameter_shardings(abstract_rest, mesh)
+    else:
+        rest_shardings = None
+    rest = jax.jit(lambda: nnx.split(_construct(cfg, seed), nnx.Param, ...)[2], out_shardings=rest_shardings)()
+    return nnx.merge(graphdef, params, rest)

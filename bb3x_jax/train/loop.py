@@ -1,127 +1,178 @@
-"""``--mode=train``: the training loop (work in progress: no checkpoints or resume yet).
+"""``--mode=train``: the training loop, resumable to the bit.
 
-Prepares data and tokenizer (cached), builds the model sharded on the mesh,
-runs the jitted train step with a live progress bar, logs metrics as JSON
-lines, then evaluates on the valid split: perplexity of positive, negative and
-unlabeled labels, and the positive-minus-negative likelihood gap that CRINGE
-is meant to widen.
+One run = one workdir. The loop prepares data and tokenizer (cached), builds
+the model sharded on the mesh (random, or from converted weights with
+``train.init_from``), and then either starts at step 0 or restores the newest
+whole checkpoint in ``workdir/checkpoints`` (parameters, optimizer state,
+step, RNG key and the data iterator's position), so a killed run continues
+exactly as if it had not stopped. It validates every ``train.eval_every``
+steps, keeps the best checkpoint by ``checkpoint.best_metric``, logs metrics
+as JSON lines and TensorBoard events, and plots the loss curves at the end.
+
+SIGTERM (preemption) and Ctrl-C finish the current step, save a checkpoint and
+stop; the run resumes from it when started again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from ml_collections import config_dict
 from tqdm import tqdm
 
 from bb3x_jax import config as config_lib
-from bb3x_jax import sharding
-from bb3x_jax.data import dataset, pipeline, schema
-from bb3x_jax.model import build
-from bb3x_jax.train import step as step_lib
+from bb3x_jax.data import pipeline
+from bb3x_jax.train import checkpoint as checkpoint_lib
+from bb3x_jax.train import evaluate as eval_lib
+from bb3x_jax.train import metrics_log
+from bb3x_jax.train import setup as setup_lib
+
+# Fault injection for the resume tests: SIGKILL this process right after this
+# step (once the checkpoints started so far are on disk), as a preemption would.
+FAULT_KILL_ENV = "BB3X_FAULT_KILL_AFTER_STEP"
 
 
-def make_eval_step(graphdef, pad_id: int):
-    """Per-example summed label NLL and token counts (deterministic forward)."""
-    from flax import nnx
+class Stopped(Exception):
+    """Raised after a signal-requested stop has saved a checkpoint."""
 
-    @jax.jit
-    def eval_step(params, rest, batch):
-        model = nnx.merge(graphdef, params, rest)
-        logits = model.label_logits(batch["context_ids"], batch["label_ids"], deterministic=True)
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(logp, batch["label_ids"][..., None], axis=-1)[..., 0]
-        mask = (batch["label_ids"] != pad_id) & batch["valid"][:, None]
-        return (nll * mask).sum(1), mask.sum(1)
-
-    return eval_step
+    def __init__(self, signum: int, step: int):
+        self.signum, self.step = signum, step
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step} (checkpoint saved)")
 
 
-def evaluate(eval_step, state, iterator, mesh, max_batches: int) -> dict[str, Any]:
-    """Perplexity per feedback class and the mean per-token NLL gap (negative - positive)."""
-    sums = {name: 0.0 for name in schema.FEEDBACK_NAMES.values()}
-    tokens = {name: 0 for name in schema.FEEDBACK_NAMES.values()}
-    for i, local in enumerate(iterator):
-        if i >= max_batches:
-            break
-        batch = pipeline.global_batch_to_device(local, mesh)
-        nll, count = jax.device_get(eval_step(state.params, state.rest, batch))
-        for cls, name in schema.FEEDBACK_NAMES.items():
-            rows = (local["feedback"] == cls) & local["valid"]
-            sums[name] += float(nll[rows].sum())
-            tokens[name] += int(count[rows].sum())
-    out: dict[str, Any] = {}
-    for name in sums:
-        mean = sums[name] / tokens[name] if tokens[name] else float("nan")
-        out[f"nll_{name}"] = mean
-        out[f"ppl_{name}"] = float(np.exp(mean)) if tokens[name] else float("nan")
-        out[f"tokens_{name}"] = tokens[name]
-    out["nll_gap_negative_minus_positive"] = out["nll_negative"] - out["nll_positive"]
-    return out
+class _StopRequests:
+    """Turns SIGTERM / SIGINT into a flag read between steps (a second Ctrl-C interrupts at once)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay as they are
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logging.warning("%s received: saving a checkpoint after this step", signal.Signals(signum).name)
+
+    def requested(self, step: int) -> bool:
+        if jax.process_count() > 1:  # every process must stop at the same step
+            from jax.experimental import multihost_utils
+
+            return self.signum is not None or multihost_utils.reached_preemption_sync_point(step)
+        return self.signum is not None
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_meta(setup: setup_lib.Setup, iterator_state: dict) -> dict:
+    import dataclasses
+
+    return {
+        "iterator": iterator_state,
+        "config": json.loads(setup.config.to_json_best_effort()),
+        "model_config": dataclasses.asdict(setup.model_cfg),
+    }
+
+
+def _maybe_inject_fault(step: int, checkpoints: checkpoint_lib.Checkpointer) -> None:
+    target = os.environ.get(FAULT_KILL_ENV)
+    if target and int(target) == step:
+        checkpoints.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _mean_metrics(window: list[dict]) -> dict[str, float]:
+    values = jax.device_get(window)
+    return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
 
 
 def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
-    built = dataset.prepare(config, workdir)
-    tok = dataset.load_tokenizer(config, built)
-    mesh = sharding.make_mesh(config.mesh.to_dict())
-    cfg = config_lib.model_config(config, tok)
-    model = build.build(cfg, seed=config.seed, mesh=mesh)
+    setup = setup_lib.Setup(config, workdir)
     train = config.train
-    tx = step_lib.make_optimizer(
-        learning_rate=train.learning_rate, warmup_steps=train.warmup_steps, total_steps=train.steps,
-        weight_decay=train.weight_decay, clip_norm=train.clip_norm, grad_accum=train.grad_accum,
-    )
-    graphdef, state = step_lib.init_state(model, tx, config.seed)
-    train_step = step_lib.make_train_step(
-        graphdef, tx, objective=train.objective, alpha=train.alpha, k=train.k,
-        detach_positives=train.detach_positives, train_ce_on_positive=train.train_ce_on_positive, pad_id=tok.pad_id,
-    )
-    iterator = pipeline.BatchIterator(
-        dataset.batch_source(config, built, tok, "train"), tok, dataset.pipeline_config(config, train=True)
-    )
-    log_path = os.path.join(workdir, "metrics.jsonl")
-    start = time.perf_counter()
-    tokens_seen = 0
-    with open(log_path, "w") as log, tqdm(total=train.steps, desc=f"train {train.objective}", unit="step") as bar:
-        try:
-            for step in range(1, train.steps + 1):
-                local = next(iterator)
-                tokens_seen += int((local["context_ids"] != tok.pad_id).sum() + (local["label_ids"] != tok.pad_id).sum())
-                state, metrics = train_step(state, pipeline.global_batch_to_device(local, mesh))
-                if step % train.log_every == 0 or step == train.steps:
-                    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    elapsed = time.perf_counter() - start
-                    record = {"step": step, **values, "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                    bar.set_postfix(loss=f"{values['loss']:.3f}", ce=f"{values['ce_loss']:.3f}",
-                                    ct=f"{values['ct_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                bar.update(1)
-        finally:
-            iterator.close()
-    eval_source = dataset.batch_source(config, built, tok, "valid")
-    eval_iterator = pipeline.BatchIterator(eval_source, tok, dataset.pipeline_config(config, train=False))
+    checkpoints = setup_lib.checkpointer(config, workdir)
+    state, start_step = setup.state, 0
+    iterator = setup.iterator("train", train=True)
+    restored = checkpoints.restore_latest(setup.state)
+    if restored is not None:
+        config_lib.check_resumable(restored.meta.get("config", {}), config)
+        state, start_step = restored.state, restored.step
+        iterator.set_state(restored.meta["iterator"])
+        print(f"Resumed from {checkpoints.directory}/{start_step}")
+        if train.init_from:
+            logging.info("train.init_from ignored: the run resumes from its own checkpoint")
+    log = metrics_log.MetricsLog(workdir, resume_step=start_step)
+    ckpt_every = config.checkpoint.every_steps
+    eval_every = train.eval_every
+    window, tokens_seen, best = [], 0, None
+    started = time.perf_counter()
+    valid: dict[str, Any] | None = None
     try:
-        result = evaluate(make_eval_step(graphdef, tok.pad_id), state, eval_iterator, mesh, train.eval_batches)
+        with _StopRequests() as stop, tqdm(total=train.steps, initial=start_step, desc=f"train {train.objective}",
+                                           unit="step", disable=jax.process_index() != 0) as bar:
+            for step in range(start_step + 1, train.steps + 1):
+                local = next(iterator)
+                tokens_seen += int((local["context_ids"] != setup.pad_id).sum()
+                                   + (local["label_ids"] != setup.pad_id).sum())
+                state, metrics = setup.train_step(state, pipeline.global_batch_to_device(local, setup.mesh))
+                window.append(metrics)
+                if step % train.log_every == 0 or step == train.steps:
+                    elapsed = time.perf_counter() - started
+                    values = {**_mean_metrics(window), "tokens_per_s": tokens_seen * jax.process_count() / elapsed}
+                    window = []
+                    log.write("train", step, values)
+                    bar.set_postfix(loss=f"{values['loss']:.3f}", ce=f"{values['ce_loss']:.3f}",
+                                    ct=f"{values['ct_loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
+                valid = None
+                if (eval_every and step % eval_every == 0) or step == train.steps:
+                    valid = setup.validate(state.params, state.rest)
+                    log.write("valid", step, valid)
+                    bar.write(f"step {step}: valid ppl_positive {valid['ppl_positive']:.3f} "
+                              f"gap {valid['nll_gap_negative_minus_positive']:.4f}")
+                stopping = stop.requested(step)
+                if step % ckpt_every == 0 or step == train.steps or valid is not None or stopping:
+                    checkpoints.save(step, state, _run_meta(setup, iterator.get_state()), metrics=valid)
+                bar.update(1)
+                _maybe_inject_fault(step, checkpoints)
+                if stopping:
+                    checkpoints.wait()
+                    raise Stopped(stop.signum, step)
+        checkpoints.wait()
+        if valid is None:  # resumed at the last step: nothing ran, read the final validation back
+            valid = checkpoints.read_meta(train.steps).get("metrics") or setup.validate(state.params, state.rest)
+        best_step = checkpoints.best_step()
     finally:
-        eval_iterator.close()
+        iterator.close()
+        checkpoints.close()
+        log.close()
+    log.plot(title=f"{train.objective} / {config.model.preset}")
     summary = {
         "objective": train.objective, "steps": train.steps, "model": config.model.preset,
-        "parameters": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
-        "train_s": round(time.perf_counter() - start, 1), "valid": result,
+        "parameters": setup.parameter_count, "resumed_from": start_step,
+        "train_s": round(time.perf_counter() - started, 1), "best_step": best_step,
+        "checkpoints": checkpoints.directory, "valid": metrics_log.json_safe(valid),
     }
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"\n{'valid':<10} {'ppl':>10} {'tokens':>8}")
-    for name in ("positive", "negative", "unlabeled"):
-        print(f"{name:<10} {result['ppl_' + name]:>10.3f} {result['tokens_' + name]:>8}")
-    print(f"negative - positive NLL gap: {result['nll_gap_negative_minus_positive']:.4f} nats/token")
-    print(json.dumps(summary))
+    if jax.process_index() == 0:
+        print("\nvalid split (" + (f"{train.eval_batches} batches" if train.eval_batches else "all") + ")")
+        print(eval_lib.format_table(valid))
+        print(f"metrics: {log.path}  plot: {log.plot_path}  tensorboard: {os.path.join(workdir, 'tensorboard')}")
+        print(json.dumps(summary))
     return summary

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from bb3x_jax import cringe
 
@@ -74,11 +75,24 @@ def make_optimizer(
     return optax.MultiSteps(tx, every_k_schedule=grad_accum) if grad_accum > 1 else tx
 
 
-def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> tuple[Any, TrainState]:
-    """(graphdef, state) for a model; the optimizer state inherits the parameters' shardings."""
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int, mesh=None) -> tuple[Any, TrainState]:
+    """(graphdef, state) for a model; the optimizer state inherits the parameters' shardings.
+
+    With ``mesh``, every leaf that is not already placed on it (step counter,
+    RNG key, optimizer counts) is replicated over it, so the state has the
+    same shardings before and after a step and the step compiles once.
+    """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     opt_state = jax.jit(tx.init)(params)
-    return graphdef, TrainState(params, rest, opt_state, jnp.zeros((), jnp.int32), jax.random.key(seed))
+    state = TrainState(params, rest, opt_state, jnp.zeros((), jnp.int32), jax.random.key(seed))
+    if mesh is not None:
+        replicated = NamedSharding(mesh, PartitionSpec())
+
+        def place(x):
+            return x if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh else jax.device_put(x, replicated)
+
+        state = jax.tree.map(place, state)
+    return graphdef, state
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, *, objective: str = "cringe", **objective_kwargs):
