@@ -48,10 +48,13 @@ class BB3Model:
 
 
 def load(path: str) -> BB3Model:
-    """A model from a transformers directory (Blenderbot, OPT) or a ParlAI checkpoint file.
+    """A model from a transformers directory (Blenderbot, OPT), a ParlAI checkpoint
+    file, or a metaseq (OPT) checkpoint: a consolidated file, one of its
+    model-parallel parts / FSDP shards (the siblings are found and merged), or the
+    folder holding them (see ``bb3x_jax.model.metaseq``). A metaseq model exports
+    with ``save_pytorch(format="hf")`` like any OPT model.
 
-    metaseq checkpoints and the project's own orbax checkpoints are not
-    supported yet and fail saying so.
+    The project's own orbax checkpoints are not supported yet and fail saying so.
     """
     path = os.path.expanduser(os.fspath(path))
     if os.path.isdir(path):
@@ -62,9 +65,17 @@ def load(path: str) -> BB3Model:
             return BB3Model(network, cfg, source=path)
         if any(name.startswith(("_CHECKPOINT", "_METADATA")) or name.isdigit() for name in os.listdir(path)):
             raise NotImplementedError(f"{path}: orbax checkpoints are not supported by load() yet")
+        from bb3x_jax.model import metaseq
+
+        if metaseq.is_metaseq_dir(path):
+            return _load_metaseq(path)
         raise FileNotFoundError(f"{path}: a folder without config.json (not a transformers directory)")
     if not os.path.isfile(path):
         raise FileNotFoundError(path)
+    from bb3x_jax.model import metaseq
+
+    if metaseq.is_metaseq_file(path):  # a memory-mapped peek: metaseq files are read lazily, layer by layer
+        return _load_metaseq(path)
     import torch
 
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
@@ -77,8 +88,19 @@ def load(path: str) -> BB3Model:
                             len(report.ignored_keys), json.dumps(report.ignored_keys[:10]))
         return BB3Model(network, cfg, source=path)
     if isinstance(checkpoint, dict) and ("cfg" in checkpoint or "args" in checkpoint):
-        raise NotImplementedError(f"{path}: metaseq checkpoints are not supported yet")
+        del checkpoint  # a metaseq file torch cannot memory-map (legacy format): the loader reads it again
+        return _load_metaseq(path)
     raise ValueError(f"{path}: not a ParlAI checkpoint (a dict with 'model' and 'opt')")
+
+
+def _load_metaseq(path: str) -> BB3Model:
+    from bb3x_jax.model import metaseq
+
+    network, cfg, report = metaseq.load_metaseq(path)
+    logging.info("bb3x_jax.load: %s", metaseq.summary(report))
+    for warning in report.warnings:
+        logging.warning("bb3x_jax.load: %s", warning)
+    return BB3Model(network, cfg, source=path)
 
 
 def count_mismatch(a: BB3Model, b: BB3Model) -> int:
