@@ -33,6 +33,12 @@ class BB3Model:
         (see ``Transformer.label_logits`` for the framing)."""
         return self.network.label_logits(jnp.asarray(context_ids), jnp.asarray(label_ids))
 
+    def save_orbax(self, path: str, *, step: int = 0) -> str:
+        """This project's checkpoint layout (parameters + config), e.g. for ``train.init_from``."""
+        from bb3x_jax.model import orbax_io
+
+        return orbax_io.save_orbax(self.network, self.config, path, step=step)
+
     def save_pytorch(self, path: str, format: str = "hf") -> None:
         """A transformers directory (``format="hf"``) or a ParlAI checkpoint file (``"parlai"``)."""
         if format == "hf":
@@ -54,7 +60,9 @@ def load(path: str) -> BB3Model:
     folder holding them (see ``bb3x_jax.model.metaseq``). A metaseq model exports
     with ``save_pytorch(format="hf")`` like any OPT model.
 
-    The project's own orbax checkpoints are not supported yet and fail saying so.
+    Also the project's own orbax checkpoints: a step folder
+    (``WORKDIR/checkpoints/300``), a folder of steps (the newest is read) or a
+    training workdir; only the parameters are read, never the optimizer state.
     """
     path = os.path.expanduser(os.fspath(path))
     if os.path.isdir(path):
@@ -63,8 +71,13 @@ def load(path: str) -> BB3Model:
 
             network, cfg = hf.load_hf(path)
             return BB3Model(network, cfg, source=path)
-        if any(name.startswith(("_CHECKPOINT", "_METADATA")) or name.isdigit() for name in os.listdir(path)):
-            raise NotImplementedError(f"{path}: orbax checkpoints are not supported by load() yet")
+        from bb3x_jax.model import orbax_io
+
+        if os.path.isdir(os.path.join(path, "checkpoints")):  # a training run's workdir
+            path = os.path.join(path, "checkpoints")
+        if orbax_io.is_orbax_path(path):
+            network, cfg, step = orbax_io.load_orbax(path)
+            return BB3Model(network, cfg, source=f"{path} (step {step})")
         from bb3x_jax.model import metaseq
 
         if metaseq.is_metaseq_dir(path):

@@ -65,6 +65,49 @@ def test_convert_command_round_trip(tmp_path):
     assert api.count_mismatch(original, bb3x_jax.load(str(tmp_path / "bb2"))) == 0
 
 
+def test_orbax_round_trip_through_the_convert_command(tmp_path):
+    """hf -> orbax (convert CLI) -> load() -> hf keeps every parameter bit-exact and the logits equal."""
+    hf, _ = hf_fixtures.tiny_blenderbot()
+    hf.save_pretrained(tmp_path / "bb")
+    subprocess.run([sys.executable, "-m", "bb3x_jax.convert", str(tmp_path / "bb"), str(tmp_path / "ox"), "--to",
+                    "orbax"], cwd=REPO, capture_output=True, text=True, check=True)
+    original = bb3x_jax.load(str(tmp_path / "bb"))
+    restored = bb3x_jax.load(str(tmp_path / "ox"))  # the folder of steps: newest step
+    assert restored.config == original.config and "step 0" in restored.source
+    assert api.count_mismatch(original, restored) == 0
+    assert api.count_mismatch(original, bb3x_jax.load(str(tmp_path / "ox" / "0"))) == 0
+    restored.save_pytorch(str(tmp_path / "bb2"), format="hf")
+    assert api.count_mismatch(original, bb3x_jax.load(str(tmp_path / "bb2"))) == 0
+    context, label = np.array([[5, 6, 7, 0]]), np.array([[4, 5, 2]])
+    np.testing.assert_array_equal(np.asarray(original.logits(context, label)), np.asarray(restored.logits(context, label)))
+
+
+def test_init_from_places_converted_weights_and_checks_the_tokenizer(tmp_path):
+    """train.init_from builds the run's model from a checkpoint's weights (the run's dropout
+    applies) and refuses a tokenizer whose vocabulary does not fit, naming the key."""
+    from bb3x_jax import config as config_lib
+    from bb3x_jax import sharding
+    from bb3x_jax.train import setup as setup_lib
+    from configs import cringe
+
+    hf, _ = hf_fixtures.tiny_blenderbot()
+    hf.save_pretrained(tmp_path / "bb")
+    original = bb3x_jax.load(str(tmp_path / "bb"))
+    config = cringe.get_config()
+    config.train.init_from = str(tmp_path / "bb")
+    config.model.dropout = 0.2
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    cfg, network = setup_lib.init_model(config, None, mesh)
+    assert cfg.dropout == 0.2 and cfg.d_model == original.config.d_model
+    assert api.count_mismatch(original, api.BB3Model(network, cfg)) == 0
+
+    class BigTokenizer:
+        vocab_size, pad_id, start_id, end_id = 10_000, 0, 1, 2
+
+    with pytest.raises(config_lib.ConfigError, match="config.train.init_from"):
+        setup_lib.init_model(config, BigTokenizer(), mesh)
+
+
 def test_load_refuses_what_it_cannot_read(tmp_path):
     """Unknown files fail clearly instead of guessing."""
     (tmp_path / "empty").mkdir()
