@@ -40,6 +40,8 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
              f"{data.tokenizer.kind!r} is not supported yet (sentencepiece)")
     _require(data.tokenizer.vocab_size >= 64, "data.tokenizer.vocab_size", "must be at least 64")
     _require(data.text_truncate > 0, "data.text_truncate", "must be positive")
+    _require(data.context_framing in ("plain", "bart"), "data.context_framing",
+             f"{data.context_framing!r} is not plain or bart")
     _require(data.label_truncate > 1, "data.label_truncate", "must be at least 2 (label + end token)")
     for key, truncate in (("context_buckets", data.text_truncate), ("label_buckets", data.label_truncate)):
         buckets = tuple(data[key])

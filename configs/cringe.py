@@ -39,6 +39,9 @@ def get_config() -> config_dict.ConfigDict:
         }
     )
     data.text_truncate = 128
+    # How the context enters the encoder: "plain" (ParlAI's generator agents) or
+    # "bart" (BB3-3B's agent: [start] + last text_truncate - 2 tokens + [end]).
+    data.context_framing = "plain"
     data.label_truncate = 32
     data.context_buckets = (32, 64, 128)
     data.label_buckets = (32,)

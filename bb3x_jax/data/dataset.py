@@ -98,6 +98,7 @@ def pipeline_config(config: config_dict.ConfigDict, *, train: bool) -> pipeline.
         seed=config.seed,
         prefetch=data.prefetch,
         workers=data.pipeline_workers,
+        context_framing=data.context_framing,
     )
     if train:
         return pipeline.PipelineConfig(global_batch_size=data.batch_size, **common)

@@ -82,8 +82,15 @@ class PipelineConfig:
     drop_remainder: bool = True
     prefetch: int = 2
     workers: int = 0
+    # "plain": the context as ParlAI's generator agent frames it; "bart": BB3-3B's
+    # bart agent: [start] + the last text_truncate - 2 tokens + [end].
+    context_framing: str = "plain"
 
     def __post_init__(self):
+        if self.context_framing not in ("plain", "bart"):
+            raise ValueError(f"context_framing must be 'plain' or 'bart', got {self.context_framing!r}")
+        if self.context_framing == "bart" and self.text_truncate < 3:
+            raise ValueError("bart framing needs text_truncate >= 3 (start + at least one token + end)")
         if self.global_batch_size <= 0:
             raise ValueError("global_batch_size must be positive")
         if self.text_truncate <= 0 or self.label_truncate <= 0:
@@ -132,6 +139,20 @@ class _TokenRows:
 
     def longest(self) -> int:
         return int(self.lengths.max(initial=0))
+
+    def framed(self, start_id: int, end_id: int, keep: int) -> _TokenRows:
+        """[start] + the last ``keep`` tokens of each row + [end] (ParlAI's bart agent)."""
+        kept = np.minimum(self.lengths, keep)
+        lengths = kept + 2
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        stream = np.empty(int(ends[-1]) if len(lengths) else 0, np.int32)
+        offs = np.arange(int(kept.sum())) - np.repeat(np.cumsum(kept) - kept, kept)
+        source = np.repeat(self.starts + self.lengths - kept, kept) + offs
+        stream[np.repeat(starts + 1, kept) + offs] = self.stream[source]
+        stream[starts] = start_id
+        stream[ends - 1] = end_id
+        return _TokenRows(stream, starts, lengths)
 
     def padded(self, num_rows: int, length: int, pad_id: int) -> np.ndarray:
         n = len(self.lengths)
@@ -581,6 +602,8 @@ class BatchIterator:
             lab = _encode_label_rows(labels, self._tokenizer, c.label_truncate)
             self._update_chars_per_token(labels, lab.lengths)
             feedback_values = [int(ex["feedback"]) for ex in examples]
+        if c.context_framing == "bart":  # rows hold the last text_truncate tokens: keep text_truncate - 2
+            ctx = ctx.framed(self._tokenizer.start_id, self._tokenizer.end_id, c.text_truncate - 2)
 
         longest = np.array([ctx.longest(), lab.longest()], np.int64)
         if self._length_sync is not None:

@@ -86,6 +86,23 @@ def test_rows_are_truncated_context_and_label_with_end(source, tokenizer):
                 assert batch["feedback"][row] == int(ex["feedback"])
 
 
+def test_bart_framing_wraps_the_last_t_minus_2_tokens(source, tokenizer):
+    """context_framing="bart" gives [start] + last text_truncate-2 context tokens + [end], as ParlAI's
+    bart agent (BB3-3B) frames its input; labels are unchanged."""
+    T, L = 40, 10
+    plain = PipelineConfig(global_batch_size=8, text_truncate=T, label_truncate=L, seed=2)
+    bart = dataclasses.replace(plain, context_framing="bart")
+    with make_iter(source, tokenizer, plain) as a, make_iter(source, tokenizer, bart) as b:
+        for x, y in zip(batches(a, 6), batches(b, 6)):
+            np.testing.assert_array_equal(x["label_ids"], y["label_ids"])
+            for row, i in enumerate(y["index"]):
+                full = tokenizer.encode(source[i]["context"].decode())
+                framed = [tokenizer.start_id] + full[-(T - 2):] + [tokenizer.end_id]
+                np.testing.assert_array_equal(y["context_ids"][row], framed + [0] * (T - len(framed)))
+    with pytest.raises(ValueError, match="context_framing"):
+        PipelineConfig(global_batch_size=8, context_framing="t5")
+
+
 @pytest.mark.parametrize("chars_per_token", [0.01, 0.5, 3.0, 1e6])
 def test_vectorised_encoders_match_reference(source, tokenizer, chars_per_token):
     """The numpy fast path equals the list reference for any first guess (short guesses take the exact fallback)."""
