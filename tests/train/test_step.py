@@ -58,6 +58,21 @@ def test_step_is_deterministic_given_seed():
     assert int(a.step) == 4
 
 
+def test_bfloat16_compute_keeps_float32_parameters_and_learns():
+    """model.dtype=bfloat16 computes in bf16 while parameters and Adam moments stay float32."""
+    cfg = config.preset("tiny", vocab_size=64, dropout=0.0, dtype="bfloat16")
+    tx = step_lib.make_optimizer(learning_rate=3e-3, warmup_steps=2, total_steps=50)
+    graphdef, state = step_lib.init_state(build.build(cfg), tx, 0)
+    train_step = step_lib.make_train_step(graphdef, tx)
+    losses = []
+    for _ in range(15):
+        state, metrics = train_step(state, make_batch())
+        losses.append(float(metrics["loss"]))
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+    assert np.isfinite(losses).all() and losses[-1] < 0.7 * losses[0]
+
+
 def test_gradient_accumulation_updates_every_k_calls():
     """With grad_accum=2 the parameters change only on every second call."""
     cfg = config.preset("tiny", vocab_size=64, dropout=0.0)
