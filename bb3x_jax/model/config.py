@@ -15,6 +15,11 @@ import dataclasses
 ARCHS = ("encoder_decoder", "decoder_only")
 VARIANTS = ("aiayn", "xlm", "prelayernorm", "bart")
 ACTIVATIONS = ("gelu", "relu")
+# Per-layer rematerialisation (jax.checkpoint) policies: none; full = save
+# nothing, recompute the layer; dots = save matmul outputs; dots_no_batch =
+# save matmul outputs without batch dimensions (not the attention scores).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +55,17 @@ class ModelConfig:
     # ParlAI's TransformerGeneratorModel sets the __start__ logit to -1e20 (its
     # bart model and transformers' models do not).
     mask_start_logit: bool = False
-    dtype: str = "float32"  # compute dtype
+    # Compute dtype of matmuls and activations (bfloat16 for training at scale);
+    # LayerNorm, softmax and the logits stay float32, and parameters are stored
+    # in param_dtype (keep float32: gradients and optimizer state follow it).
+    dtype: str = "float32"
     param_dtype: str = "float32"
+    # Store each stack's layers stacked on a leading "layers" axis and apply them
+    # with one lax.scan: compile time and program size independent of depth.
+    # Checkpoint conversion still speaks per-layer names (convert.py unstacks).
+    scan_layers: bool = False
+    # jax.checkpoint policy applied per layer, one of REMAT_POLICIES.
+    remat: str = "none"
 
     def __post_init__(self):
         checks = {
@@ -65,6 +79,9 @@ class ModelConfig:
                 "positive for encoder_decoder and 0 for decoder_only",
             ),
             "decoder_start": (len(self.decoder_start) >= 1, "at least one token"),
+            "remat": (self.remat in REMAT_POLICIES, f"one of {REMAT_POLICIES}"),
+            "dtype": (self.dtype in DTYPES, f"one of {DTYPES}"),
+            "param_dtype": (self.param_dtype in DTYPES, f"one of {DTYPES}"),
         }
         bad = [f"{name} must be {rule} (got {getattr(self, name)!r})" for name, (ok, rule) in checks.items() if not ok]
         if bad:

@@ -5,6 +5,11 @@ A table is a list of (our path, their key, transform) rows; the transform is
 Import checks that every key of the checkpoint is consumed and every parameter
 of ours is filled with the right shape, and fails listing what is missing,
 unexpected or mis-shaped: nothing is silently skipped or left random.
+
+Tables always name parameters per layer (``decoder.layers.3.ffn.lin1.kernel``).
+A scanned model (``scan_layers``) stores each stack's layers stacked on a
+leading ``layers`` axis; ``_flat_params`` presents such a parameter as one
+view per layer, so tables, import and export are the same for both layouts.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -100,11 +106,80 @@ def hf_opt_table(cfg: ModelConfig) -> tuple[list[Row], dict[str, str]]:
     return rows, {"lm_head.weight": "model.decoder.embed_tokens.weight"}
 
 
-def _flat_params(model: nnx.Module) -> dict[str, nnx.Param]:
-    out = {}
+class _HostStacks:
+    """Host copies of stacked (scanned) parameters, shared by all their layer views.
+
+    Each stack is copied to the host once, however many layers are read or
+    written; writes are applied to the model by ``commit``, one stack at a time.
+    """
+
+    def __init__(self):
+        self.copies: dict[int, tuple[nnx.Param, np.ndarray]] = {}
+        self.dirty: set[int] = set()
+
+    def host(self, stacked: nnx.Param) -> np.ndarray:
+        if id(stacked) not in self.copies:
+            value = stacked.get_value()
+            abstract = isinstance(value, jax.ShapeDtypeStruct)  # a model from nnx.eval_shape, to be filled
+            self.copies[id(stacked)] = (stacked, np.zeros(value.shape, value.dtype) if abstract else np.array(value))
+        return self.copies[id(stacked)][1]
+
+    def commit(self) -> None:
+        for key in sorted(self.dirty):
+            stacked, buffer = self.copies[key]
+            stacked.set_value(jnp.asarray(buffer, dtype=stacked.dtype))
+        self.dirty.clear()
+
+
+class _LayerSlice:
+    """Layer ``index`` of a stacked parameter, read and written like an ``nnx.Param``."""
+
+    def __init__(self, stacked: nnx.Param, index: int, stacks: _HostStacks):
+        self.stacked, self.index, self.stacks = stacked, index, stacks
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.stacked.shape[1:])
+
+    @property
+    def dtype(self):
+        return self.stacked.dtype
+
+    def __getitem__(self, item):
+        return self.stacks.host(self.stacked)[self.index][item]
+
+    def set_value(self, value) -> None:
+        self.stacks.host(self.stacked)[self.index] = np.asarray(value)
+        self.stacks.dirty.add(id(self.stacked))
+
+
+def _commit(params: Mapping[str, Any]) -> None:
+    """Applies the writes made through a ``_flat_params`` view to the stacked parameters."""
+    stacks = next((t.stacks for t in params.values() if isinstance(t, _LayerSlice)), None)
+    if stacks is not None:
+        stacks.commit()
+
+
+def _is_stacked(path: tuple, variable: nnx.Variable) -> bool:
+    names = variable.get_metadata().get("out_sharding") or ()
+    return bool(names) and names[0] == "layers" and "layers" in path
+
+
+def _flat_params(model: nnx.Module) -> dict[str, Any]:
+    """Parameters by flat per-layer name; a stacked layer parameter appears once per layer
+    (``encoder.layers.{i}.…``) as a ``_LayerSlice``."""
+    out: dict[str, Any] = {}
+    stacks = _HostStacks()
     for path, variable in nnx.iter_graph(model):
-        if isinstance(variable, nnx.Param):
-            out[".".join(str(p) for p in path)] = variable
+        if not isinstance(variable, nnx.Param):
+            continue
+        parts = [str(p) for p in path]
+        if not _is_stacked(path, variable):
+            out[".".join(parts)] = variable
+            continue
+        at = parts.index("layers") + 1
+        for i in range(variable.shape[0]):
+            out[".".join(parts[:at] + [str(i)] + parts[at:])] = _LayerSlice(variable, i, stacks)
     return out
 
 
@@ -139,9 +214,10 @@ def load_state_dict(
             problems.append(f"shape of {theirs!r} is {as_numpy[theirs].shape}, expected {tuple(target.shape)} "
                             f"({'transposed ' if transform else ''}for {ours})")
             continue
-        target.set_value(jnp.asarray(value, dtype=target.dtype))
+        target.set_value(value if isinstance(target, _LayerSlice) else jnp.asarray(value, dtype=target.dtype))
         used.add(theirs)
         filled.add(ours)
+    _commit(params)
     for alias, source in tied.items():
         if alias in as_numpy:
             if source in as_numpy and not np.array_equal(as_numpy[alias], as_numpy[source]):

@@ -19,6 +19,14 @@ weights):
 
 Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``,
 ``mlp``) for the rules table in ``bb3x_jax/sharding.py``.
+
+Layer stacks: with ``scan_layers`` each stack's layers are one module whose
+parameters have a leading ``layers`` axis, applied by one ``jax.lax.scan`` (the
+compiled program holds one layer body, whatever the depth); otherwise a list
+applied by a Python loop. Either way a layer is applied as a pure function of
+its parameters, its input and one dropout key (drawn per layer from the
+stack's RNG stream), optionally under ``jax.checkpoint`` with the ``remat``
+policy; the two layouts give the same logits, gradients and dropout masks.
 """
 
 from __future__ import annotations
@@ -48,14 +56,28 @@ class _Keys:
     is cheap and just as deterministic.
     """
 
-    def __init__(self, rngs: nnx.Rngs):
+    def __init__(self, rngs: nnx.Rngs | None, base: jax.Array | None = None):
         self.rngs = rngs
-        self._base = rngs.params()
+        self._base = rngs.params() if base is None else base
         self._count = 0
 
     def __call__(self) -> jax.Array:
         self._count += 1
         return jax.random.fold_in(self._base, self._count)
+
+
+# jax.checkpoint policies by ModelConfig.remat name ("none" = no checkpoint;
+# "full" = policy None: save nothing, recompute the whole layer).
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _layer_rngs(key: jax.Array | None) -> nnx.Rngs | None:
+    """The dropout streams of one layer call (None when deterministic)."""
+    return None if key is None else nnx.Rngs(dropout=key)
 
 
 class Dense(nnx.Module):
@@ -99,7 +121,7 @@ class Attention(nnx.Module):
         self.out_lin = Dense(d, d, ("heads", "embed"), cfg, rngs)
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.head_dim
-        self.dropout = nnx.Dropout(cfg.attention_dropout, rngs=rngs.rngs)
+        self.dropout = nnx.Dropout(cfg.attention_dropout)  # keys come with each call
 
     def project_kv(self, kv: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values [B, S, H, Dh] of a sequence (cacheable)."""
@@ -108,7 +130,8 @@ class Attention(nnx.Module):
         v = self.v_lin(kv).reshape(b, tk, self.n_heads, self.head_dim)
         return k, v
 
-    def attend(self, x: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
+    def attend(self, x: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, deterministic: bool,
+               rngs: nnx.Rngs | None = None) -> jax.Array:
         """Queries from ``x`` over keys/values; ``mask`` is boolean [B, 1 or H, Tq, Tk], True = allowed."""
         b, tq, _ = x.shape
         q = self.q_lin(x).reshape(b, tq, self.n_heads, self.head_dim)
@@ -116,14 +139,15 @@ class Attention(nnx.Module):
         if deterministic or self.dropout.rate == 0.0:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(self.head_dim))
         else:  # attention dropout needs the weights, so no fused kernel here
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(self.head_dim)
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(self.head_dim)
             scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-            weights = self.dropout(jax.nn.softmax(scores, axis=-1), deterministic=False).astype(v.dtype)
+            weights = self.dropout(jax.nn.softmax(scores, axis=-1), deterministic=False, rngs=rngs).astype(v.dtype)
             out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         return self.out_lin(out.reshape(b, tq, self.n_heads * self.head_dim))
 
-    def __call__(self, x: jax.Array, kv: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
-        return self.attend(x, *self.project_kv(kv), mask, deterministic=deterministic)
+    def __call__(self, x: jax.Array, kv: jax.Array, mask: jax.Array, *, deterministic: bool,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+        return self.attend(x, *self.project_kv(kv), mask, deterministic=deterministic, rngs=rngs)
 
 
 class FeedForward(nnx.Module):
@@ -131,12 +155,12 @@ class FeedForward(nnx.Module):
         self.lin1 = Dense(cfg.d_model, cfg.ffn_dim, ("embed", "mlp"), cfg, rngs)
         self.lin2 = Dense(cfg.ffn_dim, cfg.d_model, ("mlp", "embed"), cfg, rngs)
         self.activation = cfg.activation
-        self.dropout = nnx.Dropout(cfg.activation_dropout, rngs=rngs.rngs)
+        self.dropout = nnx.Dropout(cfg.activation_dropout)
 
-    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
         h = self.lin1(x)
         h = jax.nn.gelu(h, approximate=False) if self.activation == "gelu" else jax.nn.relu(h)
-        return self.lin2(self.dropout(h, deterministic=deterministic))
+        return self.lin2(self.dropout(h, deterministic=deterministic, rngs=rngs))
 
 
 class _Sublayers(nnx.Module):
@@ -144,12 +168,12 @@ class _Sublayers(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: _Keys):
         self.pre_ln = cfg.variant == "prelayernorm"
-        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs.rngs)
+        self.dropout = nnx.Dropout(cfg.dropout)
 
-    def residual(self, x, norm, fn, deterministic):
+    def residual(self, x, norm, fn, deterministic, rngs=None):
         if self.pre_ln:
-            return x + self.dropout(fn(norm(x)), deterministic=deterministic)
-        return norm(x + self.dropout(fn(x), deterministic=deterministic))
+            return x + self.dropout(fn(norm(x)), deterministic=deterministic, rngs=rngs)
+        return norm(x + self.dropout(fn(x), deterministic=deterministic, rngs=rngs))
 
 
 class EncoderLayer(_Sublayers):
@@ -160,9 +184,11 @@ class EncoderLayer(_Sublayers):
         self.ffn = FeedForward(cfg, rngs)
         self.norm2 = LayerNorm(cfg, rngs)
 
-    def __call__(self, x, mask, *, deterministic: bool):
-        x = self.residual(x, self.norm1, lambda h: self.attention(h, h, mask, deterministic=deterministic), deterministic)
-        return self.residual(x, self.norm2, lambda h: self.ffn(h, deterministic=deterministic), deterministic)
+    def __call__(self, x, mask, *, deterministic: bool, key: jax.Array | None = None):
+        """One layer; ``key`` seeds its dropout masks (None when deterministic)."""
+        rngs, d = _layer_rngs(key), deterministic
+        x = self.residual(x, self.norm1, lambda h: self.attention(h, h, mask, deterministic=d, rngs=rngs), d, rngs)
+        return self.residual(x, self.norm2, lambda h: self.ffn(h, deterministic=d, rngs=rngs), d, rngs)
 
 
 class DecoderLayer(_Sublayers):
@@ -177,18 +203,22 @@ class DecoderLayer(_Sublayers):
         self.norm3 = LayerNorm(cfg, rngs)
         self.cross_attention = cross_attention
 
-    def __call__(self, x, self_mask, memory=None, memory_mask=None, *, deterministic: bool):
+    def __call__(self, x, self_mask, memory=None, memory_mask=None, *, deterministic: bool,
+                 key: jax.Array | None = None):
+        """One layer; ``key`` seeds its dropout masks (None when deterministic)."""
+        rngs, d = _layer_rngs(key), deterministic
         x = self.residual(
-            x, self.norm1, lambda h: self.self_attention(h, h, self_mask, deterministic=deterministic), deterministic
+            x, self.norm1, lambda h: self.self_attention(h, h, self_mask, deterministic=d, rngs=rngs), d, rngs
         )
         if self.cross_attention:
             x = self.residual(
                 x,
                 self.norm2,
-                lambda h: self.encoder_attention(h, memory, memory_mask, deterministic=deterministic),
-                deterministic,
+                lambda h: self.encoder_attention(h, memory, memory_mask, deterministic=d, rngs=rngs),
+                d,
+                rngs,
             )
-        return self.residual(x, self.norm3, lambda h: self.ffn(h, deterministic=deterministic), deterministic)
+        return self.residual(x, self.norm3, lambda h: self.ffn(h, deterministic=d, rngs=rngs), d, rngs)
 
     def cached(self, x, self_mask, cache: dict, index, cross_mask=None):
         """One decoding call: writes the new tokens' keys/values at ``index``; returns (x, cache)."""
@@ -222,6 +252,8 @@ class _Stack(nnx.Module):
         )
         self.norm_embeddings = LayerNorm(cfg, rngs) if cfg.variant != "aiayn" else None
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs.rngs)
+        # One stream for all layers: each layer call gets its own key from it.
+        self.layer_rngs = rngs.rngs["dropout"].fork()
         self.cfg = cfg
         self.is_decoder = False
 
@@ -241,6 +273,53 @@ class _Stack(nnx.Module):
     def finish(self, x: jax.Array) -> jax.Array:
         return self.norm_embeddings(x) if self.cfg.variant == "prelayernorm" else x
 
+    def run_layers(self, fn, x: jax.Array, deterministic: bool, *consts) -> jax.Array:
+        """``x = fn(layer, x, key, *consts)`` for every layer in order: one scan or a loop.
+
+        The layer is rebuilt from its parameters inside a pure function, so
+        the same function is scanned, looped, and rematerialised; ``key`` is the
+        layer's own dropout key (None when deterministic).
+        """
+        cfg = self.cfg
+        n = cfg.n_decoder_layers if self.is_decoder else cfg.n_encoder_layers
+        keys = None if deterministic else jax.random.split(self.layer_rngs(), n)
+
+        def make_step(graphdef):
+            def step(state, h, key, *args):
+                return fn(nnx.merge(graphdef, state), h, key, *args)
+
+            return _rematerialised(step, cfg.remat, prevent_cse=not cfg.scan_layers)
+
+        if cfg.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+            step = make_step(graphdef)
+            x, _ = jax.lax.scan(lambda h, xs: (step(xs[0], h, xs[1], *consts), None), x, (state, keys))
+            return x
+        for i, layer in enumerate(self.layers):
+            graphdef, state = nnx.split(layer)
+            x = make_step(graphdef)(state, x, None if keys is None else keys[i], *consts)
+        return x
+
+
+def _rematerialised(fn, policy: str, *, prevent_cse: bool):
+    """``fn`` under jax.checkpoint with the named policy ("none": unchanged).
+
+    Inside a scan, CSE prevention is unnecessary and only costs (jax's advice).
+    """
+    if policy == "none":
+        return fn
+    return jax.checkpoint(fn, policy=_REMAT_POLICIES[policy], prevent_cse=prevent_cse)
+
+
+def _make_layers(cfg: ModelConfig, rngs: _Keys, n: int, make):
+    """``n`` layers ``make(keys)``: a list, or with ``scan_layers`` one module whose
+    parameters are stacked on a leading ``layers`` axis (traced once, not n times)."""
+    if not cfg.scan_layers:
+        return nnx.List([make(rngs) for _ in range(n)])
+    create = nnx.vmap(lambda key: make(_Keys(None, key)), in_axes=0, out_axes=0,
+                      transform_metadata={nnx.PARTITION_NAME: "layers"})
+    return create(jax.random.split(rngs(), n))
+
 
 def _positions_from_mask(mask: jax.Array) -> jax.Array:
     """cumsum(mask) - 1, clipped at 0: left padding does not shift positions."""
@@ -250,7 +329,7 @@ def _positions_from_mask(mask: jax.Array) -> jax.Array:
 class Encoder(_Stack):
     def __init__(self, cfg: ModelConfig, rngs: _Keys):
         super().__init__(cfg, rngs)
-        self.layers = nnx.List([EncoderLayer(cfg, rngs) for _ in range(cfg.n_encoder_layers)])
+        self.layers = _make_layers(cfg, rngs, cfg.n_encoder_layers, lambda keys: EncoderLayer(cfg, keys))
 
     def __call__(self, embeddings, ids, *, deterministic: bool = True):
         """Returns (encoder states [B, S, d], padding mask [B, S])."""
@@ -258,9 +337,11 @@ class Encoder(_Stack):
         x = self.embed(embeddings, ids, _positions_from_mask(mask), deterministic)
         keep = mask[..., None].astype(x.dtype)
         x = x * keep
-        attn_mask = mask[:, None, None, :]
-        for layer in self.layers:
-            x = layer(x, attn_mask, deterministic=deterministic) * keep
+
+        def layer_fn(layer, h, key, attn_mask, keep):
+            return layer(h, attn_mask, deterministic=deterministic, key=key) * keep
+
+        x = self.run_layers(layer_fn, x, deterministic, mask[:, None, None, :], keep)
         return self.finish(x) * keep, mask
 
 
@@ -268,14 +349,45 @@ class Decoder(_Stack):
     def __init__(self, cfg: ModelConfig, rngs: _Keys, cross_attention: bool):
         super().__init__(cfg, rngs)
         self.is_decoder = True
-        self.layers = nnx.List([DecoderLayer(cfg, rngs, cross_attention) for _ in range(cfg.n_decoder_layers)])
+        self.layers = _make_layers(
+            cfg, rngs, cfg.n_decoder_layers, lambda keys: DecoderLayer(cfg, keys, cross_attention)
+        )
 
     def __call__(self, embeddings, ids, positions, self_mask, memory=None, memory_mask=None, *, deterministic=True):
         x = self.embed(embeddings, ids, positions, deterministic)
         cross = None if memory_mask is None else memory_mask[:, None, None, :]
-        for layer in self.layers:
-            x = layer(x, self_mask, memory, cross, deterministic=deterministic)
+
+        def layer_fn(layer, h, key, self_mask, memory, cross):
+            return layer(h, self_mask, memory, cross, deterministic=deterministic, key=key)
+
+        x = self.run_layers(layer_fn, x, deterministic, self_mask, memory, cross)
         return self.finish(x)
+
+    def project_memory(self, memory: jax.Array) -> list[dict] | dict:
+        """Every layer's cross-attention keys/values of the encoder memory: a list, or stacked."""
+        if not self.cfg.scan_layers:
+            return [dict(zip(("xk", "xv"), layer.encoder_attention.project_kv(memory))) for layer in self.layers]
+        graphdef, state = nnx.split(self.layers)
+        xk, xv = jax.lax.map(lambda s: nnx.merge(graphdef, s).encoder_attention.project_kv(memory), state)
+        return {"xk": xk, "xv": xv}
+
+    def cached(self, x, self_mask, entries: list[dict] | dict, index, cross_mask):
+        """All layers' cached decoding calls: (x, updated cache entries), a loop or one scan."""
+        if not self.cfg.scan_layers:
+            new = []
+            for layer, entry in zip(self.layers, entries):
+                x, entry = layer.cached(x, self_mask, entry, index, cross_mask)
+                new.append(entry)
+            return x, new
+        graphdef, state = nnx.split(self.layers)
+
+        def body(h, xs):
+            layer_state, entry = xs
+            h, entry = nnx.merge(graphdef, layer_state).cached(h, self_mask, entry, index, cross_mask)
+            return h, {"k": entry["k"], "v": entry["v"]}  # the cross keys/values do not change
+
+        x, kv = jax.lax.scan(body, x, (state, entries))
+        return x, {**entries, **kv}
 
 
 class Transformer(nnx.Module):
@@ -323,17 +435,19 @@ class Transformer(nnx.Module):
         Holds each layer's self-attention keys/values, the encoder memory's
         cross-attention keys/values (computed once here), which cached
         positions are real tokens, and per row the count of real tokens so far
-        (decoder-only positions skip left padding).
+        (decoder-only positions skip left padding). The layers' entries are a
+        list of dicts, or with ``scan_layers`` one dict of [layers, ...] arrays.
         """
         cfg = self.cfg
         dtype = _dtype(cfg.dtype)
         shape = (batch, max_len, cfg.n_heads, cfg.head_dim)
-        layers = []
-        for layer in self.decoder.layers:
-            entry = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-            if layer.cross_attention:
-                entry["xk"], entry["xv"] = layer.encoder_attention.project_kv(memory)
-            layers.append(entry)
+        n = cfg.n_decoder_layers
+        cross = self.decoder.project_memory(memory) if cfg.arch == "encoder_decoder" else None
+        if cfg.scan_layers:  # one entry of stacked [layers, ...] arrays
+            layers = {"k": jnp.zeros((n, *shape), dtype), "v": jnp.zeros((n, *shape), dtype), **(cross or {})}
+        else:
+            layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), **(cross[i] if cross else {})}
+                      for i in range(n)]
         return {
             "layers": layers,
             "index": jnp.zeros((), jnp.int32),
@@ -364,10 +478,7 @@ class Transformer(nnx.Module):
         self_mask = causal[None, None] & valid[:, None, None, :]
         cross_mask = None if cache["memory_mask"] is None else cache["memory_mask"][:, None, None, :]
         x = self.decoder.embed(self.embeddings[...], ids, positions, True)
-        layers = []
-        for layer, entry in zip(self.decoder.layers, cache["layers"]):
-            x, entry = layer.cached(x, self_mask, entry, index, cross_mask)
-            layers.append(entry)
+        x, layers = self.decoder.cached(x, self_mask, cache["layers"], index, cross_mask)
         new_cache = {
             "layers": layers,
             "index": index + t,
@@ -378,8 +489,10 @@ class Transformer(nnx.Module):
         return self.output(self.decoder.finish(x)), new_cache
 
     def output(self, states: jax.Array) -> jax.Array:
-        """Logits in float32: states @ E^T with the shared embedding."""
-        logits = jnp.dot(states.astype(jnp.float32), self.embeddings[...].astype(jnp.float32).T)
+        """Logits in float32: states @ E^T with the shared embedding (in the compute dtype,
+        accumulated and returned in float32)."""
+        dtype = _dtype(self.cfg.dtype)
+        logits = jnp.dot(states.astype(dtype), self.embeddings[...].astype(dtype).T, preferred_element_type=jnp.float32)
         if self.cfg.mask_start_logit:
             logits = logits.at[..., self.cfg.start_id].set(-1e20)
         return logits

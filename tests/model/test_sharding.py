@@ -17,8 +17,10 @@ SCRIPT = textwrap.dedent(
     from bb3x_jax.model import build, config
 
     assert jax.device_count() == 8
-    for preset, shapes in (("tiny", ((2, 2, 2), (1, 8, 1), (1, 2, 4), (8, 1, 1))), ("tiny_opt", ((2, 2, 2),))):
-        cfg = config.preset(preset)
+    scanned = {"scan_layers": True, "remat": "dots"}  # stacked layers: a replicated leading "layers" axis
+    for preset, overrides, shapes in (("tiny", {}, ((2, 2, 2), (1, 8, 1), (1, 2, 4), (8, 1, 1))),
+                                      ("tiny_opt", {}, ((2, 2, 2),)), ("tiny", scanned, ((2, 2, 2),))):
+        cfg = config.preset(preset, **overrides)
         for shape in shapes:
             mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
             sharded = build.build(cfg, mesh=mesh, seed=3)
@@ -53,7 +55,8 @@ SCRIPT = textwrap.dedent(
 
 
 def test_parameters_land_where_the_rules_table_says():
-    """On meshes (2,2,2), (1,8,1), (1,2,4), (8,1,1) each parameter has its rule's sharding, the same values and logits."""
+    """On meshes (2,2,2), (1,8,1), (1,2,4), (8,1,1) each parameter has its rule's sharding, the same values and logits
+    (scanned layers too, on (2,2,2))."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = REPO
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)

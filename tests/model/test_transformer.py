@@ -13,10 +13,12 @@ from bb3x_jax.model import config, convert
 from tests.model import hf_fixtures
 
 
-def test_blenderbot_logits_match_transformers():
-    """Converted Blenderbot weights give transformers' logits to 1e-4 (prelayernorm, gelu, scaled embeddings)."""
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_blenderbot_logits_match_transformers(scan):
+    """Converted Blenderbot weights give transformers' logits to 1e-4 (prelayernorm, gelu, scaled embeddings),
+    with the layer list and with scanned layers."""
     hf, cfg = hf_fixtures.tiny_blenderbot()
-    model = hf_fixtures.new_model(cfg)
+    model = hf_fixtures.new_model(cfg.replace(scan_layers=scan))
     convert.load_state_dict(model, hf.state_dict(), *convert.hf_blenderbot_table(cfg))
     enc = np.array([[5, 6, 7, 9, 11, 0], [8, 9, 10, 0, 0, 0], [3, 4, 5, 6, 7, 8]])
     dec = np.array([[1, 4, 5, 3], [1, 6, 7, 0], [1, 9, 0, 0]])
@@ -28,10 +30,12 @@ def test_blenderbot_logits_match_transformers():
     np.testing.assert_allclose(ours[dec != 0], ref[dec != 0], atol=1e-4, rtol=0)
 
 
-def test_opt_logits_match_transformers_with_left_padding():
-    """Converted OPT weights give transformers' logits to 1e-4, positions unshifted by left padding."""
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_opt_logits_match_transformers_with_left_padding(scan):
+    """Converted OPT weights give transformers' logits to 1e-4, positions unshifted by left padding
+    (layer list and scanned layers)."""
     hf, cfg = hf_fixtures.tiny_opt()
-    model = hf_fixtures.new_model(cfg)
+    model = hf_fixtures.new_model(cfg.replace(scan_layers=scan))
     convert.load_state_dict(model, hf.state_dict(), *convert.hf_opt_table(cfg))
     ids = np.array([[2, 5, 6, 7, 9, 10], [1, 1, 2, 8, 9, 12], [1, 1, 1, 1, 2, 4]])
     with torch.no_grad():
@@ -153,10 +157,12 @@ def test_cached_decoding_equals_full_forward_and_transformers_blenderbot():
     np.testing.assert_allclose(cached, ref, atol=1e-4, rtol=0)
 
 
-def test_cached_decoding_equals_full_forward_and_transformers_opt():
-    """OPT with left-padded prompts: cached decoding gives the full forward's and transformers' logits."""
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_cached_decoding_equals_full_forward_and_transformers_opt(scan):
+    """OPT with left-padded prompts: cached decoding gives the full forward's and transformers' logits
+    (layer list, and scanned layers with a stacked cache)."""
     hf, cfg = hf_fixtures.tiny_opt()
-    model = hf_fixtures.new_model(cfg)
+    model = hf_fixtures.new_model(cfg.replace(scan_layers=scan))
     convert.load_state_dict(model, hf.state_dict(), *convert.hf_opt_table(cfg))
     ids = np.array([[2, 5, 6, 7, 9, 10, 11], [1, 1, 2, 8, 9, 12, 13], [1, 1, 1, 2, 4, 5, 6]])
     full = np.asarray(model(None, jnp.asarray(ids)))
