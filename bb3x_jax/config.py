@@ -75,6 +75,10 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
     for key in ("dtype", "param_dtype"):
         _require(config.model[key] in ("float32", "bfloat16"), f"model.{key}",
                  f"{config.model[key]!r} is not float32 or bfloat16")
+    from bb3x_jax.model.config import REMAT_POLICIES
+
+    _require(config.model.remat in REMAT_POLICIES, "model.remat",
+             f"{config.model.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
     _require(train.eval_every >= 0, "train.eval_every", "must be >= 0")
     _require(train.eval_batches >= 0, "train.eval_batches", "must be >= 0 (0: the whole split)")
     ckpt = config.checkpoint
@@ -104,7 +108,9 @@ EVAL_METRICS = tuple(
 
 def model_overrides(config: config_dict.ConfigDict) -> dict:
     """ModelConfig fields the run config sets on any architecture (preset or converted weights)."""
-    return {"dropout": config.model.dropout, "dtype": config.model.dtype, "param_dtype": config.model.param_dtype}
+    m = config.model
+    return {"dropout": m.dropout, "dtype": m.dtype, "param_dtype": m.param_dtype, "scan_layers": m.scan_layers,
+            "remat": m.remat}
 
 
 # Config sections a resumed run may change (they do not change what was trained so far).

@@ -64,6 +64,8 @@ def get_config() -> config_dict.ConfigDict:
             "dropout": 0.1,
             "dtype": "float32",  # compute dtype (bfloat16 on accelerators)
             "param_dtype": "float32",  # parameters and optimizer state stay float32
+            "scan_layers": False,  # one scanned layer per stack: compile time independent of depth
+            "remat": "none",  # none | full | dots | dots_no_batch: activations recomputed in backward
         }
     )
 

@@ -121,9 +121,12 @@ PRESETS: dict[str, ModelConfig] = {
     "bb1_3b": BB1_3B,
     "bb3_30b": BB3_30B,
     "bb3_175b": BB3_175B,
-    # The CPU benchmark model of the training issue.
+    # The CPU benchmark models of the training issue (encoder-decoder, and a
+    # decoder-only OPT of similar size: context + label = 160 positions).
     "bench_small": ModelConfig(vocab_size=8008, d_model=512, n_heads=8, ffn_dim=2048,
                                n_encoder_layers=2, n_decoder_layers=6, n_positions=512),
+    "bench_small_opt": ModelConfig(d_model=512, n_heads=8, ffn_dim=2048, n_decoder_layers=6,
+                                   **{**_OPT, "vocab_size": 8008, "n_positions": 512}),
     # Small models for tests and the laptop demo.
     "tiny": ModelConfig(vocab_size=2048, d_model=64, n_heads=4, ffn_dim=128,
                         n_encoder_layers=2, n_decoder_layers=2, n_positions=256),

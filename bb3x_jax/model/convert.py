@@ -254,3 +254,16 @@ def _to_numpy(value) -> np.ndarray:
             value = value.float()
         return value.numpy()
     return np.asarray(value)
+
+
+def relayout(model: nnx.Module, cfg: ModelConfig) -> nnx.Module:
+    """The same weights in a model of ``cfg``, which may stack its layers differently
+    (``scan_layers``): every parameter goes through its flat per-layer name."""
+    from bb3x_jax.model.transformer import Transformer
+
+    rows = [(name, name, None) for name in _flat_params(model)]
+    weights = export_state_dict(model, rows, {})
+    with nnx.use_eager_sharding(False):
+        target = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    load_state_dict(target, weights, rows, {})
+    return target

@@ -510,11 +510,15 @@ class Transformer(nnx.Module):
         if cfg.arch == "encoder_decoder":
             start = jnp.broadcast_to(jnp.asarray(cfg.decoder_start, label_ids.dtype), (b, len(cfg.decoder_start)))
             decoder_in = jnp.concatenate([start, label_ids[:, :-1]], axis=1)
-            return self(context_ids, decoder_in, deterministic=deterministic)[:, len(cfg.decoder_start) - 1 :]
+            memory, memory_mask = self.encode(context_ids, deterministic=deterministic)
+            states = self.decode(decoder_in, memory, memory_mask, deterministic=deterministic)
+            # Project only the scored positions: the vocabulary matmul is the largest one.
+            return self.output(states[:, len(cfg.decoder_start) - 1 :])
         order = jnp.argsort(context_ids != cfg.pad_id, axis=1, stable=True)  # padding to the left
         context = jnp.take_along_axis(context_ids, order, axis=1)
         sequence = jnp.concatenate([context, label_ids[:, :-1]], axis=1)
-        return self(None, sequence, deterministic=deterministic)[:, context.shape[1] - 1 :]
+        states = self.decode(sequence, deterministic=deterministic)
+        return self.output(states[:, context.shape[1] - 1 :])
 
     def __call__(self, encoder_ids, decoder_ids, *, deterministic: bool = True) -> jax.Array:
         if self.cfg.arch == "encoder_decoder":

@@ -97,7 +97,12 @@ def init_model(config: config_dict.ConfigDict, tokenizer, mesh):
                 f"{path} does not fit the tokenizer: ids (model, tokenizer) {wrong}, "
                 f"vocab {cfg.vocab_size} vs {tokenizer.vocab_size}; configure data.tokenizer to the checkpoint's",
             )
-    params = nnx.state(loaded.network, nnx.Param)
+    network = loaded.network
+    if cfg.scan_layers != loaded.config.scan_layers:  # stacked <-> per-layer parameters
+        from bb3x_jax.model import convert
+
+        network = convert.relayout(network, cfg)
+    params = nnx.state(network, nnx.Param)
     logging.info("Initialised from %s (%s)", path, loaded.source)
     return cfg, build.with_params(cfg, params, seed=config.seed, mesh=mesh)
 

@@ -101,6 +101,12 @@ def test_init_from_places_converted_weights_and_checks_the_tokenizer(tmp_path):
     assert cfg.dropout == 0.2 and cfg.d_model == original.config.d_model
     assert api.count_mismatch(original, api.BB3Model(network, cfg)) == 0
 
+    config.model.scan_layers = True  # the same weights, stacked for a scanned model
+    scanned_cfg, scanned = setup_lib.init_model(config, None, mesh)
+    context, label = np.array([[5, 6, 7, 0]]), np.array([[4, 5, 2]])
+    np.testing.assert_allclose(np.asarray(scanned.label_logits(context, label)),
+                               np.asarray(original.logits(context, label)), atol=1e-5)
+
     class BigTokenizer:
         vocab_size, pad_id, start_id, end_id = 10_000, 0, 1, 2
 
