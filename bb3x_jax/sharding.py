@@ -28,7 +28,15 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "kv": None,
     "mlp": "tensor",
     "layers": None,
+    # Activations between layers: [batch, length, embed]. Rows follow the batch;
+    # the model dimension stays whole on every device (weights, not activations,
+    # are split over fsdp and tensor).
+    "activation_batch": ("data", "fsdp"),
+    "activation_length": None,
+    "activation_embed": None,
 }
+
+ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 
 
 def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
@@ -85,3 +93,32 @@ def batch_size_multiple(mesh: Mesh) -> int:
     """Global batches must be a multiple of this (rows per batch-sharded device group)."""
     target = LOGICAL_RULES["batch"]
     return int(np.prod([mesh.shape[a] for a in target if a in mesh.shape]))
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None] = ACTIVATION) -> jax.Array:
+    """Pins an activation's sharding by logical names under the ambient mesh
+    (``jax.set_mesh``); without one (single-device code, tests) it is the identity."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, mesh))
+
+
+class MeshBound:
+    """A jitted function traced and run under ``jax.set_mesh(mesh)``, so the
+    activation constraints inside it (``constrain``) resolve against ``mesh``.
+
+    The mesh is entered only around the step, not globally: building modules
+    under an ambient mesh would make Flax read logical axis names as mesh axes.
+    """
+
+    def __init__(self, fn, mesh: Mesh):
+        self.fn, self.mesh = fn, mesh
+
+    def __call__(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.fn(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        with jax.set_mesh(self.mesh):
+            return self.fn.lower(*args, **kwargs)

@@ -18,7 +18,7 @@ def run_main(workdir, *overrides, devices=1, check=True):
     if devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     cmd = [
-        sys.executable, "main.py", "--config", "configs/cringe.py", f"--workdir={workdir}",
+        sys.executable, "main.py", "--config", "configs/cringe.py", f"--workdir={workdir}", "--mode=data",
         "--config.data.synthetic.conversations=300", "--config.data_check.batches=4", "--config.data.batch_size=8",
         "--config.data.tokenizer.vocab_size=1000", *overrides,
     ]
@@ -77,7 +77,8 @@ def test_train_mode_trains_logs_and_evaluates(tmp_path):
     summary = _last_json(out.stdout)
     assert summary["objective"] == "cringe" and summary["steps"] == 6
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    assert [r["step"] for r in records] == [3, 6]
+    assert [(r["kind"], r["step"]) for r in records] == [("train", 3), ("train", 6), ("valid", 6)]
+    records = [r for r in records if r["kind"] == "train"]
     assert all(r["loss"] == r["loss"] and r["loss"] > 0 for r in records)  # finite, positive
     valid = summary["valid"]
     assert valid["tokens_positive"] + valid["tokens_negative"] + valid["tokens_unlabeled"] > 0

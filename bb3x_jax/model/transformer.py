@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bb3x_jax import sharding
 from bb3x_jax.model.config import ModelConfig
 
 
@@ -150,6 +151,16 @@ class Attention(nnx.Module):
         return self.attend(x, *self.project_kv(kv), mask, deterministic=deterministic, rngs=rngs)
 
 
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """x * Phi(x) written with erf, as torch computes it.
+
+    Same values as ``jax.nn.gelu(approximate=False)``, which uses erfc; on
+    XLA:CPU that form made the backward's transposing copy fusion about 15x
+    slower (55 ms vs 3.4 ms per bench_small FFN), a quarter of the train step.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(1.0 / math.sqrt(2.0), x.dtype)))
+
+
 class FeedForward(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: _Keys):
         self.lin1 = Dense(cfg.d_model, cfg.ffn_dim, ("embed", "mlp"), cfg, rngs)
@@ -159,7 +170,7 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x: jax.Array, *, deterministic: bool, rngs: nnx.Rngs | None = None) -> jax.Array:
         h = self.lin1(x)
-        h = jax.nn.gelu(h, approximate=False) if self.activation == "gelu" else jax.nn.relu(h)
+        h = gelu_exact(h) if self.activation == "gelu" else jax.nn.relu(h)
         return self.lin2(self.dropout(h, deterministic=deterministic, rngs=rngs))
 
 
@@ -283,10 +294,11 @@ class _Stack(nnx.Module):
         cfg = self.cfg
         n = cfg.n_decoder_layers if self.is_decoder else cfg.n_encoder_layers
         keys = None if deterministic else jax.random.split(self.layer_rngs(), n)
+        x = sharding.constrain(x)
 
         def make_step(graphdef):
             def step(state, h, key, *args):
-                return fn(nnx.merge(graphdef, state), h, key, *args)
+                return sharding.constrain(fn(nnx.merge(graphdef, state), h, key, *args))
 
             return _rematerialised(step, cfg.remat, prevent_cse=not cfg.scan_layers)
 

@@ -49,11 +49,11 @@ class Setup:
         )
         self.graphdef, self.state = step_lib.init_state(model, self.tx, config.seed, self.mesh)
         self.params, self.rest = self.state.params, self.state.rest
-        self.train_step = step_lib.make_train_step(
+        self.train_step = sharding.MeshBound(step_lib.make_train_step(
             self.graphdef, self.tx, objective=train.objective, alpha=train.alpha, k=train.k,
             detach_positives=train.detach_positives, train_ce_on_positive=train.train_ce_on_positive,
             pad_id=self.pad_id,
-        )
+        ), self.mesh)
 
     @property
     def parameter_count(self) -> int:
@@ -65,7 +65,8 @@ class Setup:
 
     def validate(self, params, rest, split: str = "valid", max_batches: int | None = None) -> dict[str, Any]:
         if not hasattr(self, "_eval_step"):
-            self._eval_step = eval_lib.make_eval_step(self.graphdef, self.pad_id, self.mesh)
+            self._eval_step = sharding.MeshBound(eval_lib.make_eval_step(self.graphdef, self.pad_id, self.mesh),
+                                                 self.mesh)
         batches = self.config.train.eval_batches if max_batches is None else max_batches
         with self.iterator(split, train=False) as iterator:
             return eval_lib.evaluate(self._eval_step, params, rest, iterator, self.mesh, batches)
