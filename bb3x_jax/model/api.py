@@ -89,10 +89,12 @@ def load(path: str) -> BB3Model:
 
     if metaseq.is_metaseq_file(path):  # a memory-mapped peek: metaseq files are read lazily, layer by layer
         return _load_metaseq(path)
-    import torch
+    from bb3x_jax.model import hf
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(checkpoint, dict) and "model" in checkpoint and "opt" in checkpoint:
+    checkpoint = hf.torch_load(path, weights_only=False)  # memory-mapped: only a peek at the keys
+    is_parlai = isinstance(checkpoint, dict) and "model" in checkpoint and "opt" in checkpoint
+    if is_parlai:
+        del checkpoint  # the loader maps the file again; never hold two copies
         from bb3x_jax.model import parlai
 
         network, cfg, report = parlai.load_parlai(path)

@@ -197,7 +197,7 @@ def load_state_dict(
     key at once.
     """
     params = _flat_params(model)
-    as_numpy = {k: _to_numpy(v) for k, v in state_dict.items()}
+    as_numpy = _NumpyView(state_dict)  # tensors converted one at a time, when used
     problems: list[str] = []
     used: set[str] = set()
     filled: set[str] = set()
@@ -245,6 +245,26 @@ def export_state_dict(model: nnx.Module, rows: list[Row], tied: Mapping[str, str
     for alias, source in tied.items():
         out[alias] = out[source]
     return out
+
+
+class _NumpyView(Mapping):
+    """A state dict seen as numpy arrays, converted on access: with lazy sources
+    (safetensors, memory-mapped torch files) at most one tensor is in flight."""
+
+    def __init__(self, state_dict: Mapping[str, Any]):
+        self._source = state_dict
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return _to_numpy(self._source[key])
+
+    def __iter__(self):
+        return iter(self._source)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __contains__(self, key) -> bool:
+        return key in self._source
 
 
 def _to_numpy(value) -> np.ndarray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -94,25 +95,50 @@ def table(cfg: ModelConfig):
     return convert.hf_blenderbot_table(cfg) if cfg.arch == "encoder_decoder" else convert.hf_opt_table(cfg)
 
 
-def read_hf_weights(path: str) -> dict[str, np.ndarray]:
-    """All tensors of a transformers directory (safetensors preferred, else .bin via torch)."""
+class _SafetensorsFiles(Mapping):
+    """The tensors of a directory's safetensors files, read one by one on access."""
+
+    def __init__(self, files: list[str]):
+        from safetensors import safe_open
+
+        self._handles = [safe_open(f, framework="numpy") for f in files]
+        self._where = {key: h for h in self._handles for key in h.keys()}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._where[key].get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def read_hf_weights(path: str) -> Mapping[str, Any]:
+    """The tensors of a transformers directory, lazily: safetensors preferred (read per
+    tensor), else ``.bin`` files memory-mapped by torch (a second copy is never made)."""
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if files:
-        from safetensors.numpy import load_file
-
-        out: dict[str, np.ndarray] = {}
-        for file in files:
-            out.update(load_file(file))
-        return out
+        return _SafetensorsFiles(files)
     files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors or pytorch_model*.bin weights")
+    out: dict[str, Any] = {}
+    for file in files:
+        out.update(torch_load(file, weights_only=True))
+    return out
+
+
+def torch_load(path: str, **kwargs):
+    """torch.load memory-mapped when the file allows it (zip format), else read whole."""
     import torch
 
-    out = {}
-    for file in files:
-        out.update({k: convert._to_numpy(v) for k, v in torch.load(file, map_location="cpu", weights_only=True).items()})
-    return out
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, **kwargs)
+    except RuntimeError as error:  # legacy (pre-zip) files cannot be memory-mapped
+        if "mmap" not in str(error):
+            raise
+        return torch.load(path, map_location="cpu", **kwargs)
 
 
 def load_hf(path: str, *, rngs: nnx.Rngs | None = None):
@@ -121,8 +147,8 @@ def load_hf(path: str, *, rngs: nnx.Rngs | None = None):
 
     with open(os.path.join(path, "config.json")) as f:
         cfg = config_from_hf(json.load(f))
-    with nnx.use_eager_sharding(False):
-        model = transformer.Transformer(cfg, rngs=rngs or nnx.Rngs(0))
+    with nnx.use_eager_sharding(False):  # shapes only: every parameter is filled from the file
+        model = nnx.eval_shape(lambda: transformer.Transformer(cfg, rngs=rngs or nnx.Rngs(0)))
     convert.load_state_dict(model, read_hf_weights(path), *table(cfg))
     return model, cfg
 

@@ -182,7 +182,9 @@ def load_parlai(path: str, *, rngs: nnx.Rngs | None = None):
 
     from bb3x_jax.model import transformer
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    from bb3x_jax.model import hf
+
+    checkpoint = hf.torch_load(path, weights_only=False)  # memory-mapped: tensors are read as they are used
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "opt" not in checkpoint:
         raise convert.CheckpointMismatch(f"{path}: not a ParlAI checkpoint (a dict with 'model' and 'opt')")
     report = LoadReport(path=path)
@@ -193,8 +195,8 @@ def load_parlai(path: str, *, rngs: nnx.Rngs | None = None):
     start = checkpoint["model"].get("START")
     if start is not None and [int(x) for x in convert._to_numpy(start).reshape(-1)] != [cfg.start_id]:
         raise convert.CheckpointMismatch(f"{path}: START buffer {start} differs from the start id {cfg.start_id}")
-    with nnx.use_eager_sharding(False):
-        model = transformer.Transformer(cfg, rngs=rngs or nnx.Rngs(0))
+    with nnx.use_eager_sharding(False):  # shapes only: every parameter is filled from the file
+        model = nnx.eval_shape(lambda: transformer.Transformer(cfg, rngs=rngs or nnx.Rngs(0)))
     convert.load_state_dict(model, state, *table(cfg))
     return model, cfg, report
 
