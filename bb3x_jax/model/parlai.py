@@ -178,8 +178,6 @@ def _split_generator_keys(state: dict[str, Any], report: LoadReport) -> dict[str
 
 def load_parlai(path: str, *, rngs: nnx.Rngs | None = None):
     """(model, config, report) from a ParlAI checkpoint file."""
-    import torch
-
     from bb3x_jax.model import transformer
 
     from bb3x_jax.model import hf

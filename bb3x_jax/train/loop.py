@@ -120,7 +120,7 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
     log = metrics_log.MetricsLog(workdir, resume_step=start_step)
     ckpt_every = config.checkpoint.every_steps
     eval_every = train.eval_every
-    window, tokens_seen, best = [], 0, None
+    window, tokens_seen = [], 0
     started = time.perf_counter()
     valid: dict[str, Any] | None = None
     try:
