@@ -33,6 +33,21 @@ class BB3Model:
         (see ``Transformer.label_logits`` for the framing)."""
         return self.network.label_logits(jnp.asarray(context_ids), jnp.asarray(label_ids))
 
+    def generate(self, context_ids, *, method: str = "greedy", max_len: int = 32, min_len: int = 0,
+                 beam_size: int = 1, block_ngram: int = 0, context_block_ngram: int = 0, top_k: int = 0,
+                 top_p: float = 1.0, temperature: float = 1.0, length_penalty: float = 1.0,
+                 seed: int = 0) -> np.ndarray:
+        """Generated token ids [batch, <= max_len]: no context, no start token, padded
+        with the pad id after the end token. ``context_ids`` [batch, S] are right-padded.
+        See ``bb3x_jax.decoding`` for the methods (``decoding.BB3_BEAM`` holds BB3's)."""
+        from bb3x_jax import decoding
+
+        settings = decoding.Settings(method=method, max_len=max_len, min_len=min_len, beam_size=beam_size,
+                                     block_ngram=block_ngram, context_block_ngram=context_block_ngram,
+                                     top_k=top_k, top_p=top_p, temperature=temperature,
+                                     length_penalty=length_penalty)
+        return decoding.generate(self.network, np.asarray(context_ids), settings, seed=seed)
+
     def save_orbax(self, path: str, *, step: int = 0) -> str:
         """This project's checkpoint layout (parameters + config), e.g. for ``train.init_from``."""
         from bb3x_jax.model import orbax_io

@@ -231,25 +231,23 @@ class DecoderLayer(_Sublayers):
             )
         return self.residual(x, self.norm3, lambda h: self.ffn(h, deterministic=d, rngs=rngs), d, rngs)
 
-    def cached(self, x, self_mask, cache: dict, index, cross_mask=None):
-        """One decoding call: writes the new tokens' keys/values at ``index``; returns (x, cache)."""
-        new = dict(cache)
+    def cached(self, x, self_mask, write_kv, cross_kv=None, cross_mask=None):
+        """One decoding call. ``write_kv(k, v)`` stores the new tokens' keys/values in
+        the cache and returns this layer's whole cached (keys, values)."""
 
         def self_attention(h):
-            k, v = self.self_attention.project_kv(h)
-            new["k"] = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
-            new["v"] = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
-            return self.self_attention.attend(h, new["k"], new["v"], self_mask, deterministic=True)
+            keys, values = write_kv(*self.self_attention.project_kv(h))
+            return self.self_attention.attend(h, keys, values, self_mask, deterministic=True)
 
         x = self.residual(x, self.norm1, self_attention, True)
         if self.cross_attention:
             x = self.residual(
                 x,
                 self.norm2,
-                lambda h: self.encoder_attention.attend(h, cache["xk"], cache["xv"], cross_mask, deterministic=True),
+                lambda h: self.encoder_attention.attend(h, *cross_kv, cross_mask, deterministic=True),
                 True,
             )
-        return self.residual(x, self.norm3, lambda h: self.ffn(h, deterministic=True), True), new
+        return self.residual(x, self.norm3, lambda h: self.ffn(h, deterministic=True), True)
 
 
 class _Stack(nnx.Module):
@@ -384,22 +382,50 @@ class Decoder(_Stack):
         return {"xk": xk, "xv": xv}
 
     def cached(self, x, self_mask, entries: list[dict] | dict, index, cross_mask):
-        """All layers' cached decoding calls: (x, updated cache entries), a loop or one scan."""
+        """All layers' cached decoding calls: (x, updated cache entries), a loop or one scan.
+
+        The scanned layout carries the stacked [layers, ...] keys/values through
+        the scan and writes only the new tokens into them, so a decoding step
+        updates the cache in place instead of rebuilding it as scan outputs.
+        """
+
+        def write(cache_k, cache_v, k, v, at):
+            return (jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), at),
+                    jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), at))
+
         if not self.cfg.scan_layers:
             new = []
             for layer, entry in zip(self.layers, entries):
-                x, entry = layer.cached(x, self_mask, entry, index, cross_mask)
+                entry = dict(entry)
+
+                def write_kv(k, v, entry=entry):
+                    entry["k"], entry["v"] = write(entry["k"], entry["v"], k, v, (0, index, 0, 0))
+                    return entry["k"], entry["v"]
+
+                cross = (entry["xk"], entry["xv"]) if "xk" in entry else None
+                x = layer.cached(x, self_mask, write_kv, cross, cross_mask)
                 new.append(entry)
             return x, new
         graphdef, state = nnx.split(self.layers)
+        n = self.cfg.n_decoder_layers
+        cross_xs = (entries["xk"], entries["xv"]) if "xk" in entries else None
 
-        def body(h, xs):
-            layer_state, entry = xs
-            h, entry = nnx.merge(graphdef, layer_state).cached(h, self_mask, entry, index, cross_mask)
-            return h, {"k": entry["k"], "v": entry["v"]}  # the cross keys/values do not change
+        def body(carry, xs):
+            h, cache_k, cache_v = carry
+            layer_state, cross, i = xs
+            written = {}
 
-        x, kv = jax.lax.scan(body, x, (state, entries))
-        return x, {**entries, **kv}
+            def write_kv(k, v):
+                written["k"], written["v"] = write(cache_k, cache_v, k[None], v[None], (i, 0, index, 0, 0))
+                return written["k"][i], written["v"][i]
+
+            h = nnx.merge(graphdef, layer_state).cached(h, self_mask, write_kv, cross, cross_mask)
+            return (h, written["k"], written["v"]), None
+
+        (x, cache_k, cache_v), _ = jax.lax.scan(
+            body, (x, entries["k"], entries["v"]), (state, cross_xs, jnp.arange(n))
+        )
+        return x, {**entries, "k": cache_k, "v": cache_v}
 
 
 class Transformer(nnx.Module):
@@ -499,6 +525,23 @@ class Transformer(nnx.Module):
             "memory_mask": cache["memory_mask"],
         }
         return self.output(self.decoder.finish(x)), new_cache
+
+    def reorder_cache(self, cache: dict, rows: jax.Array) -> dict:
+        """The cache with its rows taken from ``rows`` [N] (beam search keeps the
+        survivors' histories). The encoder's keys/values are not moved: beams of
+        one example share them, and rows never leave their example."""
+        axis = 1 if self.cfg.scan_layers else 0
+
+        def take(entry):
+            return {**entry, "k": jnp.take(entry["k"], rows, axis=axis), "v": jnp.take(entry["v"], rows, axis=axis)}
+
+        layers = cache["layers"]
+        return {
+            **cache,
+            "layers": take(layers) if self.cfg.scan_layers else [take(e) for e in layers],
+            "valid": jnp.take(cache["valid"], rows, axis=0),
+            "count": jnp.take(cache["count"], rows, axis=0),
+        }
 
     def output(self, states: jax.Array) -> jax.Array:
         """Logits in float32: states @ E^T with the shared embedding (in the compute dtype,

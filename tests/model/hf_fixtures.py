@@ -62,3 +62,38 @@ def tiny_blenderbot_small(seed: int = 0):
     ours = config.ModelConfig(vocab_size=61, d_model=20, n_heads=5, ffn_dim=36, n_encoder_layers=2,
                               n_decoder_layers=2, n_positions=24, variant="xlm")
     return model, ours
+
+
+def _chatty(hf, end_id: int, end_bias: float, seed: int):
+    """Re-draws the matrices at a scale where tokens mix, and leans the final states
+    toward the end token, so that generations vary and some of them end early."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if param.ndim == 2 and "embed_positions" not in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.5)
+        end = hf.get_input_embeddings().weight[end_id]
+        final_norm = hf.model.decoder.layer_norm if hasattr(hf.model.decoder, "layer_norm") \
+            else hf.model.decoder.final_layer_norm
+        final_norm.bias += end_bias * end / end.norm()
+    return hf
+
+
+def chatty_blenderbot(end_bias: float = 1.5, seed: int = 0):
+    """A tiny Blenderbot (no embedding scale) whose greedy and beam outputs vary and sometimes end."""
+    torch.manual_seed(seed)
+    hf_config = BlenderbotConfig(
+        vocab_size=67, d_model=24, encoder_layers=2, decoder_layers=3, encoder_attention_heads=3,
+        decoder_attention_heads=3, encoder_ffn_dim=40, decoder_ffn_dim=40, max_position_embeddings=40,
+        activation_function="gelu", scale_embedding=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        decoder_start_token_id=1, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+    )
+    ours = config.ModelConfig(vocab_size=67, d_model=24, n_heads=3, ffn_dim=40, n_encoder_layers=2,
+                              n_decoder_layers=3, n_positions=40, embeddings_scale=False)
+    return _chatty(BlenderbotForConditionalGeneration(hf_config).eval(), 2, end_bias, seed), ours
+
+
+def chatty_opt(end_bias: float = 1.5, seed: int = 0):
+    """A tiny OPT whose generations vary and sometimes end."""
+    hf, ours = tiny_opt(seed)
+    return _chatty(hf, 2, end_bias, seed), ours
