@@ -107,12 +107,12 @@ def _ngrams(seq, n):
     return [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
 
 
-@pytest.mark.parametrize("method", ["greedy", "beam"])
-def test_ngram_blocking_of_hypothesis_and_context(method):
-    """block_ngram=n: no n-gram twice in a generation; context_block_ngram=n: no n-gram of the
-    context in it (where the unblocked generations had both)."""
+def test_ngram_blocking_of_hypothesis_and_context():
+    """Beam search with block_ngram=n: no n-gram twice in a generation; context_block_ngram=n: no
+    n-gram of the context in it (where the unblocked generations had both). (Greedy blocking is
+    compared with transformers below.)"""
     _, model, context = _blenderbot(False)
-    beams = 4 if method == "beam" else 1
+    method, beams = "beam", 4
     pad, end = model.cfg.pad_id, model.cfg.end_id
 
     def generations(**kw):
@@ -127,12 +127,11 @@ def test_ngram_blocking_of_hypothesis_and_context(method):
         return sum(len(set(_ngrams(r, n)) & set(_ngrams([t for t in c if t != pad], n))) for r, c in zip(rows, context))
 
     plain = generations()
-    assert repeats(plain, 2) > 0
-    assert repeats(generations(block_ngram=2), 2) == 0
+    assert repeats(plain, 3) > 0
     assert from_context(plain, 1) > 0
     assert from_context(generations(context_block_ngram=1), 1) == 0
-    both = generations(block_ngram=3, context_block_ngram=2)
-    assert repeats(both, 3) == 0 and from_context(both, 2) == 0
+    both = generations(block_ngram=3, context_block_ngram=1)
+    assert repeats(both, 3) == 0 and from_context(both, 1) == 0
 
 
 def test_hypothesis_blocking_matches_transformers_no_repeat_ngram():
@@ -196,3 +195,21 @@ def test_generate_on_the_loaded_model_object(tmp_path):
         loaded.generate(context, method="sample", top_p=0.0)
     with pytest.raises(ValueError, match="beam_size"):
         loaded.generate(context, method="greedy", beam_size=4)
+
+
+def test_ngram_bans_on_a_worked_example():
+    """The banned tokens are exactly the continuations of the hypothesis's last n-1 tokens in the
+    source, ignoring padded and not-yet-generated positions."""
+    source = np.array([[5, 6, 7, 5, 6, 9, 0, 0]])
+    valid = source != 0
+
+    def banned(hypothesis, length, n):
+        bans = decoding._ngram_bans(source, valid, np.array([hypothesis]), length, n, 12)
+        return sorted(np.flatnonzero(np.asarray(bans)[0]).tolist())
+
+    assert banned([4, 5, 6, 0], 3, 3) == [7, 9]  # "5 6" continues with 7 and 9
+    assert banned([4, 9, 6, 0], 3, 3) == []  # "9 6" never occurs
+    assert banned([4, 9, 6, 0], 3, 2) == [7, 9]  # "6" continues with 7 and 9
+    assert banned([4, 9, 6, 0], 2, 2) == []  # "9" is followed only by padding
+    assert banned([4, 5, 6, 0], 1, 3) == []  # fewer than n-1 tokens generated
+    assert banned([0, 0, 0, 0], 0, 1) == [5, 6, 7, 9]  # unigrams: every source token
