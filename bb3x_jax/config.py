@@ -96,6 +96,10 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
         _require(bench[key] >= 1, f"bench.{key}", "must be positive")
     _require(bench.warmup >= 1, "bench.warmup", "must be >= 1 (the first step compiles)")
     _require(0.0 <= bench.negative_fraction <= 1.0, "bench.negative_fraction", "must be in [0, 1]")
+    _require(bench.decode_len >= 0, "bench.decode_len", "must be >= 0 (0: no decoding benchmark)")
+    _require(bench.decode_beam >= 1, "bench.decode_beam", "must be >= 1 (1: greedy)")
+    _require(config.plan.devices >= 0, "plan.devices", "must be >= 0 (0: the product of the mesh sizes)")
+    _require(config.plan.device_memory_gb > 0, "plan.device_memory_gb", "must be positive")
     feedback_policy(config)
     return config
 
@@ -115,7 +119,7 @@ def model_overrides(config: config_dict.ConfigDict) -> dict:
 
 # Config sections a resumed run may change (they do not change what was trained so far).
 _RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.init_from",
-                      "checkpoint.", "eval.", "bench.", "data_check.", "distributed.", "data.num_workers",
+                      "checkpoint.", "eval.", "bench.", "plan.", "data_check.", "distributed.", "data.num_workers",
                       "data.prefetch", "data.pipeline_workers", "data.manual_dir", "mesh.")
 
 

@@ -113,10 +113,19 @@ def get_config() -> config_dict.ConfigDict:
         }
     )
 
-    # --mode=bench: timed train steps of the real step on synthetic batches.
+    # --mode=bench: timed train steps of the real step on synthetic batches, then
+    # timed decoding (decode_len new tokens per context; 0 skips it) with
+    # decode_beam beams (1: greedy).
     config.bench = config_dict.ConfigDict(
-        {"batch": 8, "context": 128, "label": 32, "negative_fraction": 0.5, "warmup": 3, "steps": 20}
+        {"batch": 8, "context": 128, "label": 32, "negative_fraction": 0.5, "warmup": 3, "steps": 20,
+         "decode_len": 32, "decode_beam": 1}
     )
+
+    # --mode=plan: compile the train step for simulated CPU devices from abstract
+    # shapes (batch shapes from the bench section) and report per-device memory.
+    # devices 0: the product of the explicit mesh sizes (a -1 axis gets 1); with
+    # devices N, a -1 axis takes what the others leave of N.
+    config.plan = config_dict.ConfigDict({"devices": 0, "device_memory_gb": 80.0})
 
     # Multi-host runs (TPU pods, GPU clusters): every host runs the same command.
     # With enabled=True, jax.distributed.initialize() is called first; empty /

@@ -13,7 +13,11 @@ the same jitted CRINGE step as training, on the configured mesh. After
   usual definition behind MFU; ``xla_flops_per_step`` is XLA's own count;
 - ``mfu``: model FLOPs per second over the device's peak for the compute
   dtype, where the peak is known (``PEAK_FLOPS``), else null (CPUs);
-- ``peak_memory_bytes`` where the backend reports it.
+- ``peak_memory_bytes`` where the backend reports it;
+- ``decode_tokens_per_s``: new tokens per second of the jitted decoder
+  (``bench.decode_len`` tokens for each of ``bench.batch`` contexts, greedy or
+  ``bench.decode_beam`` beams; the end token is banned so every row decodes the
+  full length), median of ``bench.steps`` runs after one compiling run.
 """
 
 from __future__ import annotations
@@ -84,6 +88,30 @@ def _peak_memory() -> int | None:
     return max(peaks) if peaks else None
 
 
+def decode_speed(network, context_ids: np.ndarray, decode_len: int, beams: int, runs: int) -> dict[str, Any]:
+    """Median wall time of generating ``decode_len`` tokens per row (all rows run to the end)."""
+    from flax import nnx
+
+    from bb3x_jax import decoding
+
+    settings = decoding.Settings(method="beam" if beams > 1 else "greedy", beam_size=beams, max_len=decode_len,
+                                 min_len=decode_len)
+    graphdef, state = nnx.split(network)
+    search = decoding.compiled_search(graphdef, settings)
+    key = jax.random.key(0)
+    start = time.perf_counter()
+    jax.block_until_ready(search(state, context_ids, key))
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(search(state, context_ids, key))
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {"decode_len": decode_len, "decode_beam": beams, "decode_s_median": median,
+            "decode_tokens_per_s": len(context_ids) * decode_len / median, "decode_compile_s": compile_s}
+
+
 def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
     b = config.bench
     setup = setup_lib.Setup(config, workdir, with_data=False)
@@ -121,6 +149,12 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
         "devices": jax.device_count(), "device_kind": device.device_kind, "backend": jax.default_backend(),
         "mesh": dict(setup.mesh.shape), "jax_version": jax.__version__, "steps_timed": b.steps,
     }
+    if b.decode_len:
+        from flax import nnx
+
+        network = nnx.merge(setup.graphdef, state.params, state.rest)
+        result.update(decode_speed(network, jax.numpy.asarray(local["context_ids"]), b.decode_len, b.decode_beam,
+                                   b.steps))
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)

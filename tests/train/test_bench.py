@@ -18,12 +18,14 @@ from configs import cringe as cringe_config
 def test_bench_prints_one_json_line_with_the_promised_fields(tmp_path, capsys):
     """The output is exactly one JSON object with step time, throughput, params and (null on CPU) MFU."""
     config = cringe_config.get_config()
-    config.bench.update({"batch": 4, "context": 16, "label": 8, "warmup": 1, "steps": 2})
+    config.bench.update({"batch": 4, "context": 16, "label": 8, "warmup": 1, "steps": 2, "decode_len": 5})
     result = bench.run(config_lib.validate(config), str(tmp_path))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert len(lines) == 1 and json.loads(lines[0]) == json.loads(json.dumps(result))
-    for key in ("step_s_median", "tokens_per_s", "label_tokens_per_s", "params", "mfu", "model_flops_per_step"):
+    for key in ("step_s_median", "tokens_per_s", "label_tokens_per_s", "params", "mfu", "model_flops_per_step",
+                "decode_tokens_per_s"):
         assert key in result
+    assert result["decode_tokens_per_s"] == pytest.approx(4 * 5 / result["decode_s_median"])
     assert result["tokens_per_s"] == pytest.approx(4 * 24 / result["step_s_median"])
     assert result["mfu"] is None and result["params"] > 0  # no known peak for CPUs
 
