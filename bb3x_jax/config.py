@@ -31,6 +31,18 @@ def feedback_policy(config: config_dict.ConfigDict) -> FeedbackPolicy:
         raise ConfigError("data.policy", str(error)) from None
 
 
+def generation_settings(config: config_dict.ConfigDict):
+    """The ``generation`` section as ``decoding.Settings``; a bad value names its key."""
+    from bb3x_jax import decoding
+
+    fields = {f: config.generation[f] for f in config.generation.keys()}
+    try:
+        return decoding.Settings(**fields)
+    except (TypeError, ValueError) as error:
+        bad = next((f for f in fields if f"{f} must" in str(error)), "")
+        raise ConfigError(f"generation.{bad}" if bad else "generation", str(error)) from None
+
+
 def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
     """Returns the config if every value is usable; raises ConfigError naming the key otherwise."""
     data = config.data
@@ -91,6 +103,11 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
     _require(config.eval.checkpoint in ("best", "latest") or config.eval.checkpoint.isdigit(), "eval.checkpoint",
              f"{config.eval.checkpoint!r} is not best, latest or a step number")
     _require(config.eval.batches >= 0, "eval.batches", "must be >= 0")
+    _require(config.eval.generate_examples >= 0, "eval.generate_examples", "must be >= 0 (0: no generations)")
+    _require(config.eval.generate_batch >= 1, "eval.generate_batch", "must be positive")
+    _require(config.eval.judge in ("auto", "synthetic", "none"), "eval.judge",
+             f"{config.eval.judge!r} is not auto, synthetic or none")
+    generation_settings(config)
     bench = config.bench
     for key in ("batch", "context", "label", "steps"):
         _require(bench[key] >= 1, f"bench.{key}", "must be positive")

@@ -104,12 +104,36 @@ def get_config() -> config_dict.ConfigDict:
         }
     )
 
-    # --mode=eval: likelihood metrics of a trained model on a split.
+    # --mode=eval: likelihood metrics of a trained model on a split, and metrics of
+    # its generations (F1, and a judge's good-response rate by bad reason) for
+    # generate_examples contexts spread evenly over the split (0: none).
     config.eval = config_dict.ConfigDict(
         {
             "split": "valid",
             "checkpoint": "best",  # best | latest | a step number
             "batches": 0,  # 0: the whole split
+            "generate_examples": 200,
+            "generate_batch": 32,
+            # auto: the synthetic world's ground truth on the synthetic release, else none
+            "judge": "auto",  # auto | synthetic | none
+        }
+    )
+
+    # How the model generates (eval, chat, iterate): BB3's beam search with
+    # n-gram blocking of the response and of the context. BB3's min length of 20
+    # BPE tokens is 0 here: the synthetic world's responses are short.
+    config.generation = config_dict.ConfigDict(
+        {
+            "method": "beam",  # greedy | beam | sample
+            "max_len": 32,
+            "min_len": 0,
+            "beam_size": 10,
+            "block_ngram": 3,
+            "context_block_ngram": 3,
+            "top_k": 0,
+            "top_p": 1.0,
+            "temperature": 1.0,
+            "length_penalty": 1.0,
         }
     )
 

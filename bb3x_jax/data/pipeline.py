@@ -253,6 +253,17 @@ def _encode_context_rows(
     return _TokenRows(stream, starts, lengths)
 
 
+def context_ids(texts: Sequence[str], tokenizer: Tokenizer, text_truncate: int, context_framing: str = "plain",
+                chars_per_token: float = DEFAULT_CHARS_PER_TOKEN) -> np.ndarray:
+    """Right-padded context rows [n, longest] exactly as training frames them
+    (left-truncated to ``text_truncate``, bart framing when configured): what
+    generation, chat and the judge-based evaluation feed the model."""
+    rows = _encode_context_rows([_as_text(t) for t in texts], tokenizer, text_truncate, chars_per_token)
+    if context_framing == "bart":
+        rows = rows.framed(tokenizer.start_id, tokenizer.end_id, text_truncate - 2)
+    return rows.padded(len(texts), max(rows.longest(), 1), tokenizer.pad_id)
+
+
 def _encode_label_rows(labels: list[str], tokenizer: Tokenizer, label_truncate: int) -> _TokenRows:
     """Vectorised ``encode_labels``: first ``label_truncate - 1`` tokens, then end."""
     tokens, tl = _encode_flat(tokenizer, labels)

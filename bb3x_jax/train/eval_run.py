@@ -2,8 +2,11 @@
 
 Reads only the parameters of the workdir's best, latest or a given checkpoint
 (``eval.checkpoint``) and evaluates ``eval.split``; writes
-``<workdir>/eval_<split>.json`` and prints the table. Generation-based
-metrics (F1, the judge's good-response rate) belong to the decoding work.
+``<workdir>/eval_<split>.json`` and prints the table. With
+``eval.generate_examples`` > 0 the model also generates (``config.generation``)
+for that many contexts spread evenly over the split: F1 against the labels, and
+the judge's good-response rate by bad reason (``generation_eval``); every
+response and verdict goes to ``<workdir>/generations_<split>.jsonl``.
 """
 
 from __future__ import annotations
@@ -13,10 +16,14 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 from ml_collections import config_dict
 
+from bb3x_jax import config as config_lib
+from bb3x_jax.data import dataset
 from bb3x_jax.train import checkpoint as checkpoint_lib
 from bb3x_jax.train import evaluate as eval_lib
+from bb3x_jax.train import generation_eval
 from bb3x_jax.train import metrics_log
 from bb3x_jax.train import setup as setup_lib
 
@@ -35,6 +42,39 @@ def choose_step(checkpoints: checkpoint_lib.Checkpointer, which: str) -> int:
     return int(which)
 
 
+def make_judge(config: config_dict.ConfigDict):
+    """(judge function or None, its bad reasons) for ``eval.judge``."""
+    which = config.eval.judge
+    if which == "auto":
+        which = "synthetic" if not config.data.manual_dir else "none"
+    if which == "none":
+        return None, ()
+    from bb3x_jax.data import synthetic
+
+    return synthetic.judge, synthetic.BAD_REASONS
+
+
+def spread_examples(records, count: int) -> list[dict]:
+    """``count`` records at evenly spaced indices (deterministic, all conversations' stages)."""
+    n = len(records)
+    indices = np.unique(np.linspace(0, n - 1, num=min(count, n)).round().astype(int))
+    return records.__getitems__([int(i) for i in indices])
+
+
+def generation_metrics(config: config_dict.ConfigDict, setup, params, split: str) -> dict[str, Any]:
+    """F1 and the judge's verdicts of the model's generations on ``split``."""
+    from flax import nnx
+
+    examples = spread_examples(dataset.source(setup.built, split), config.eval.generate_examples)
+    judge, reasons = make_judge(config)
+    network = nnx.merge(setup.graphdef, params, setup.rest)
+    return generation_eval.evaluate_generations(
+        network, setup.tokenizer, examples, config_lib.generation_settings(config),
+        text_truncate=config.data.text_truncate, context_framing=config.data.context_framing,
+        batch_size=config.eval.generate_batch, judge=judge, reasons=reasons, seed=config.seed,
+    ), examples
+
+
 def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
     setup = setup_lib.Setup(config, workdir, with_optimizer=False)
     checkpoints = setup_lib.checkpointer(config, workdir)
@@ -44,11 +84,30 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
     result = setup.validate(params, setup.rest, split=config.eval.split, max_batches=config.eval.batches)
     report = {"checkpoint": os.path.join(checkpoints.directory, str(step)), "step": step,
               "split": config.eval.split, **metrics_log.json_safe(result)}
+    generated = None
+    if config.eval.generate_examples:
+        generated, examples = generation_metrics(config, setup, params, config.eval.split)
+        if jax.process_index() == 0:
+            write_generations(os.path.join(workdir, f"generations_{config.eval.split}.jsonl"), examples, generated)
+        report["generation"] = {k: v for k, v in generated.items() if k not in ("responses", "verdicts")}
     path = os.path.join(workdir, f"eval_{config.eval.split}.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # one writer of the (shared) workdir
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
         print(f"{config.eval.split} split, checkpoint {report['checkpoint']}")
         print(eval_lib.format_table(result))
+        if generated is not None:
+            print(generation_eval.format_table(generated))
         print(json.dumps(report))
     return report
+
+
+def write_generations(path: str, examples: list[dict], generated: dict[str, Any]) -> None:
+    """One JSON line per generation: context, label, response, verdict (null without a judge)."""
+    verdicts = generated["verdicts"] or [None] * len(examples)
+    with open(path, "w") as f:
+        for example, response, verdict in zip(examples, generated["responses"], verdicts):
+            f.write(json.dumps({"context": generation_eval.pipeline._as_text(example["context"]),
+                                "label": generation_eval.pipeline._as_text(example["label"]),
+                                "feedback": int(example["feedback"]), "response": response,
+                                "verdict": verdict}) + "\n")
