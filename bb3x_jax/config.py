@@ -39,7 +39,8 @@ def generation_settings(config: config_dict.ConfigDict):
     try:
         return decoding.Settings(**fields)
     except (TypeError, ValueError) as error:
-        bad = next((f for f in fields if f"{f} must" in str(error)), "")
+        named = [(str(error).find(f"{f} must"), f) for f in fields if f"{f} must" in str(error)]
+        bad = min(named)[1] if named else ""  # the first complaint
         raise ConfigError(f"generation.{bad}" if bad else "generation", str(error)) from None
 
 

@@ -28,6 +28,11 @@ def test_default_config_is_valid():
         ("eval.checkpoint", "newest", "eval.checkpoint"),
         ("model.dtype", "float16", "model.dtype"),
         ("bench.warmup", 0, "bench.warmup"),
+        ("bench.decode_len", -1, "bench.decode_len"),
+        ("generation.method", "nucleus", "config.generation.method"),
+        ("generation.beam_size", 0, "config.generation.beam_size"),
+        ("generation.top_p", 0.0, "config.generation.top_p"),
+        ("eval.judge", "gpt", "eval.judge"),
     ],
 )
 def test_bad_values_name_their_key(key, value, message):
