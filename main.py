@@ -4,8 +4,11 @@ Modes:
   train  (default) train with config.train.objective (CRINGE by default), resuming
          from the newest checkpoint in the workdir; validate, checkpoint, log, plot.
   eval   likelihood metrics per feedback class of the workdir's best (or latest)
-         checkpoint on a split.
+         checkpoint on a split, and F1 / the judge's verdicts of its generations.
+  chat   talk to the workdir's model in the terminal (or pipe a conversation in).
   bench  time the real train step on synthetic batches; prints one JSON line.
+  plan   compile the train step ahead of time from abstract shapes (no weights
+         allocated) and print per-device memory and FLOPs per step.
   data   prepare the release (synthetic when config.data.manual_dir is empty),
          train the tokenizer, and run real batches through a sharded jitted step.
 """
@@ -19,7 +22,7 @@ from bb3x_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cringe.py", "Configuration file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/cringe", "Where everything this run writes goes.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "bench", "data"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "chat", "bench", "plan", "data"], "What to run.")
 
 
 class _QuietLibraries:
@@ -53,10 +56,18 @@ def main(argv):
         from bb3x_jax.train import eval_run
 
         eval_run.run(config, workdir)
+    elif mode == "chat":
+        from bb3x_jax import chat
+
+        chat.run(config, workdir)
     elif mode == "bench":
         from bb3x_jax.train import bench
 
         bench.run(config, workdir)
+    elif mode == "plan":
+        from bb3x_jax.train import plan
+
+        plan.run(config, workdir)
     elif mode == "data":
         from bb3x_jax import data_check
 

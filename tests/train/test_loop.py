@@ -160,8 +160,48 @@ def test_eval_mode_reports_the_checkpoint_metrics(straight):
     """--mode=eval on the latest checkpoint reproduces the final validation of the run (same batches)."""
     workdir, out = straight
     summary = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
-    evaluated = run_main(workdir, "--config.eval.checkpoint=latest", "--config.eval.batches=2", mode="eval")
+    evaluated = run_main(workdir, "--config.eval.checkpoint=latest", "--config.eval.batches=2", *GENERATE_FLAGS,
+                         mode="eval")
     report = json.load(open(os.path.join(workdir, "eval_valid.json")))
     assert report["step"] == STEPS and "positive" in evaluated.stdout
     for key in ("nll_positive", "nll_unlabeled", "tokens_positive", "examples_unlabeled"):
         assert report[key] == pytest.approx(summary["valid"][key], rel=1e-6), key
+
+
+GENERATE_FLAGS = ("--config.eval.generate_examples=6", "--config.eval.generate_batch=4",
+                  "--config.generation.method=greedy", "--config.generation.beam_size=1",
+                  "--config.generation.max_len=8")
+
+
+def test_eval_mode_judges_the_generations(straight):
+    """--mode=eval generates for evenly spread valid contexts: every response is written with the
+    synthetic world's verdict, and the reported good rate, reasons and F1 are those of the file."""
+    from bb3x_jax.data import synthetic
+    from bb3x_jax.train import generation_eval
+
+    workdir, _ = straight
+    evaluated = run_main(workdir, "--config.eval.checkpoint=latest", "--config.eval.batches=1", *GENERATE_FLAGS,
+                         mode="eval")
+    generation = json.load(open(os.path.join(workdir, "eval_valid.json")))["generation"]
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "generations_valid.jsonl"))]
+    assert len(rows) == generation["examples"] == 6 and "judge: good" in evaluated.stdout
+    verdicts = [synthetic.judge(r["context"], r["response"]) for r in rows]
+    assert [r["verdict"] for r in rows] == verdicts
+    assert generation["good_rate"] == pytest.approx(verdicts.count("good") / 6)
+    assert set(generation["reasons"]) >= set(synthetic.BAD_REASONS)
+    assert sum(generation["reasons"].values()) == pytest.approx(1 - generation["good_rate"])
+    f1 = np.mean([generation_eval.f1_score(r["response"], r["label"]) for r in rows])
+    assert generation["f1"] == pytest.approx(f1)
+
+
+def test_chat_mode_keeps_the_history_and_resets(straight):
+    """--mode=chat answers each piped line, and [reset] empties the history (the first reply after
+    it equals the first reply of the conversation, greedy decoding being deterministic)."""
+    workdir, _ = straight
+    lines = "Hi!\nWhat is your favorite food?\n[reset]\nHi!\n[exit]\nnever read\n"
+    out = subprocess.run(main_command(workdir, "--config.eval.checkpoint=latest", *GENERATE_FLAGS, mode="chat"),
+                         cwd=REPO, env=environment(), input=lines, capture_output=True, text=True, timeout=600,
+                         check=True)
+    bot = [line[len("BOT: "):] for line in out.stdout.splitlines() if line.startswith("BOT: ")]
+    assert len(bot) == 3 and "(new conversation)" in out.stdout
+    assert bot[0] == bot[2]
