@@ -9,6 +9,7 @@ model trained on its train split (stored beside the prepared data).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from typing import Any
@@ -86,6 +87,38 @@ def load_tokenizer(config: config_dict.ConfigDict, built: builder_lib.Bb3xDeploy
         # vocab_size is an upper bound: a small (e.g. synthetic) release gets a smaller model.
         extra_options={"hard_vocab_limit": False},
     )
+
+
+# How long the other processes of a multi-process job wait for process 0 to
+# prepare the data (the real release takes minutes; the barrier fails after this).
+PREPARE_TIMEOUT_S = 4 * 3600
+_barriers = itertools.count()  # a barrier name is single-use: number them (same order on every process)
+
+
+def prepare_with_tokenizer(config: config_dict.ConfigDict, workdir: str):
+    """(prepared dataset, tokenizer): ``prepare`` and ``load_tokenizer``, safe with several processes.
+
+    The processes of a multi-host job share the workdir (its checkpoints must be
+    on shared storage), and two processes must not write the same synthetic
+    release, TFDS files or sentencepiece model at once. So process 0 makes them
+    while the others wait at a barrier of the coordination service (no device
+    collective, with its own long timeout); then the others make the same calls,
+    which only read what process 0 wrote.
+    """
+    import jax
+
+    def make():
+        built = prepare(config, workdir)
+        return built, load_tokenizer(config, built)
+
+    if jax.process_count() == 1:
+        return make()
+    from orbax.checkpoint import multihost
+
+    made = make() if jax.process_index() == 0 else None
+    barrier = multihost.get_barrier_sync_fn()
+    barrier(key=f"bb3x_jax_data_prepared_{next(_barriers)}", timeout_ms=PREPARE_TIMEOUT_S * 1000)
+    return made if made is not None else make()
 
 
 def pipeline_config(config: config_dict.ConfigDict, *, train: bool) -> pipeline.PipelineConfig:

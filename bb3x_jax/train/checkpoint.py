@@ -152,7 +152,17 @@ class Checkpointer:
 
 
 def read_params(directory: str, abstract_params, step: int | None = None):
-    """Only the parameters (and meta) of a checkpoint: what inference and export need."""
+    """Only the parameters (and meta) of a checkpoint: what inference and export need.
+
+    Leaves of ``abstract_params`` without a sharding are read onto this process's
+    first device, whatever mesh wrote them (orbax would otherwise want the writer's
+    devices, e.g. a pod's, and fail with a topology mismatch).
+    """
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract_params = jax.tree.map(
+        lambda x: x if getattr(x, "sharding", None) is not None else jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                                                           sharding=device),
+        abstract_params)
     manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS,
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     step = manager.latest_step() if step is None else step

@@ -48,14 +48,21 @@ class Stopped(Exception):
 
 
 class _StopRequests:
-    """Turns SIGTERM / SIGINT into a flag read between steps (a second Ctrl-C interrupts at once)."""
+    """Turns SIGTERM / SIGINT into a flag read between steps (a second Ctrl-C interrupts at once).
+
+    With several processes all must stop after the same step (the checkpoint save is
+    collective), so SIGTERM is left to JAX's preemption notifier, installed by
+    ``jax.distributed.initialize``: it tells every process, and they agree on a step
+    (``reached_preemption_sync_point``). A Python handler would replace that notifier
+    and let each process stop on its own. SIGINT keeps its default there.
+    """
 
     def __init__(self):
         self.signum: int | None = None
         self._previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else ():
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: signals stay as they are
@@ -72,7 +79,10 @@ class _StopRequests:
         if jax.process_count() > 1:  # every process must stop at the same step
             from jax.experimental import multihost_utils
 
-            return self.signum is not None or multihost_utils.reached_preemption_sync_point(step)
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signum = signal.SIGTERM
+                logging.warning("preemption notice: all processes save a checkpoint after step %d", step)
+            return self.signum is not None
         return self.signum is not None
 
     def __exit__(self, *exc):
@@ -117,7 +127,7 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
         print(f"Resumed from {checkpoints.directory}/{start_step}")
         if train.init_from:
             logging.info("train.init_from ignored: the run resumes from its own checkpoint")
-    log = metrics_log.MetricsLog(workdir, resume_step=start_step)
+    log = metrics_log.MetricsLog(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
     ckpt_every = config.checkpoint.every_steps
     eval_every = train.eval_every
     window, tokens_seen = [], 0
@@ -168,9 +178,9 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
         "train_s": round(time.perf_counter() - started, 1), "best_step": best_step,
         "checkpoints": checkpoints.directory, "valid": metrics_log.json_safe(valid),
     }
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # one writer of the workdir's logs (it is shared by all processes)
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
         print("\nvalid split (" + (f"{train.eval_batches} batches" if train.eval_batches else "all") + ")")
         print(eval_lib.format_table(valid))
         print(f"metrics: {log.path}  plot: {log.plot_path}  tensorboard: {os.path.join(workdir, 'tensorboard')}")

@@ -30,11 +30,17 @@ def read_records(path: str) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """Appends records to ``workdir/metrics.jsonl`` and ``workdir/tensorboard``; plots on demand."""
+    """Appends records to ``workdir/metrics.jsonl`` and ``workdir/tensorboard``; plots on demand.
 
-    def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True):
+    ``enabled=False`` (every process of a multi-process job but the first) writes nothing.
+    """
+
+    def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True, enabled: bool = True):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.plot_path = os.path.join(workdir, "loss_curves.png")
+        self.enabled = enabled
+        if not enabled:
+            return
         kept = [r for r in read_records(self.path) if r["step"] <= resume_step]
         with open(self.path, "w") as f:  # rewrite: drop what the restored step had not reached
             f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -42,6 +48,8 @@ class MetricsLog:
         self._writer = _EventWriter(os.path.join(workdir, "tensorboard"), resume_step) if tensorboard else None
 
     def write(self, kind: str, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         record = {"kind": kind, "step": int(step), **json_safe(values)}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -50,12 +58,16 @@ class MetricsLog:
                                         if k not in ("kind", "step") and isinstance(v, (int, float))})
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._file.close()
         if self._writer is not None:
             self._writer.close()
 
     def plot(self, title: str = "") -> str | None:
         """Writes loss_curves.png (train loss / CE / CT, valid perplexities); returns its path."""
+        if not self.enabled:
+            return None
         return plot_curves(read_records(self.path), self.plot_path, title)
 
 

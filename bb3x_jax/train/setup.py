@@ -7,6 +7,7 @@ batches and the preset's vocabulary).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -34,8 +35,7 @@ class Setup:
         self.config = config
         self.workdir = workdir
         self.mesh = sharding.make_mesh(config.mesh.to_dict())
-        self.built = dataset.prepare(config, workdir) if with_data else None
-        self.tokenizer = dataset.load_tokenizer(config, self.built) if with_data else None
+        self.built, self.tokenizer = dataset.prepare_with_tokenizer(config, workdir) if with_data else (None, None)
         self.model_cfg, model = init_model(config, self.tokenizer, self.mesh)
         self.pad_id = self.model_cfg.pad_id
         if not with_optimizer:  # inference only: parameters, no optimizer state
@@ -61,7 +61,12 @@ class Setup:
 
     def iterator(self, split: str, *, train: bool) -> pipeline.BatchIterator:
         source = dataset.batch_source(self.config, self.built, self.tokenizer, split)
-        return pipeline.BatchIterator(source, self.tokenizer, dataset.pipeline_config(self.config, train=train))
+        config, sync = dataset.pipeline_config(self.config, train=train), None
+        if jax.process_count() > 1 and (len(config.context_buckets) > 1 or len(config.label_buckets) > 1):
+            # All processes must pick the same bucket: a collective per batch, made in
+            # this thread (pipeline.jax_length_sync), so no prefetching.
+            config, sync = dataclasses.replace(config, prefetch=0, workers=0), pipeline.jax_length_sync
+        return pipeline.BatchIterator(source, self.tokenizer, config, length_sync=sync)
 
     def validate(self, params, rest, split: str = "valid", max_batches: int | None = None) -> dict[str, Any]:
         if not hasattr(self, "_eval_step"):

@@ -83,10 +83,16 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int, m
     same shardings before and after a step and the step compiles once.
     """
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    opt_state = jax.jit(tx.init)(params)
-    state = TrainState(params, rest, opt_state, jnp.zeros((), jnp.int32), jax.random.key(seed))
+    # Eager, not jitted: each moment is created with its parameter's sharding (a jitted
+    # init returns them unplaced, and place() below would replicate them on every device).
+    opt_state = tx.init(params)
+    step, rng = jnp.zeros((), jnp.int32), jax.random.key(seed)
     if mesh is not None:
         replicated = NamedSharding(mesh, PartitionSpec())
+        # Made on the mesh: with several processes device_put cannot place a key array there.
+        step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.key(seed)), out_shardings=replicated)()
+    state = TrainState(params, rest, opt_state, step, rng)
+    if mesh is not None:
 
         def place(x):
             return x if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh else jax.device_put(x, replicated)
