@@ -106,6 +106,7 @@ SHARDED = textwrap.dedent(
         # comparison about the step itself (forward, dropout, backward, update).
         tx = optax.sgd(0.05)
         graphdef, state = step_lib.init_state(build.build(cfg, seed=0, mesh=mesh), tx, 0)
+        placed = jax.tree.map(lambda x: x.sharding, state.params)  # the rules table's (test_sharding)
         train_step = step_lib.make_train_step(graphdef, tx)
         for i in range(3):
             batch = make_batch(i)
@@ -118,6 +119,10 @@ SHARDED = textwrap.dedent(
                     state, metrics = train_step(state, batch)
             else:
                 state, metrics = train_step(state, batch)
+        if mesh is not None:  # the step keeps every parameter where the rules table put it
+            after = jax.tree.map(lambda x: x.sharding, state.params)
+            assert all(a.is_equivalent_to(b, x.ndim) for a, b, x in
+                       zip(jax.tree.leaves(placed), jax.tree.leaves(after), jax.tree.leaves(state.params)))
         return state, float(metrics["loss"])
 
     single, loss1 = run(None)
@@ -134,7 +139,8 @@ SHARDED = textwrap.dedent(
 
 def test_sharded_step_equals_single_device_step():
     """On 8 simulated devices and four mesh shapes, 3 steps (dropout on, activations constrained by
-    the rules table under the ambient mesh) give the single-device parameters to 1e-5."""
+    the rules table under the ambient mesh) give the single-device parameters to 1e-5, and every
+    parameter keeps the sharding the rules table gave it."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
