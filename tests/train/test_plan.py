@@ -100,10 +100,12 @@ def test_flops_agree_with_the_architecture_formula(plans):
 
 def test_no_weights_are_allocated(plans):
     """Planning 30B float32 parameters with their Adam moments (360 GB of arguments, 15 times this
-    machine's memory) keeps the process under 3 GB: the state is shapes only."""
+    machine's memory) keeps the process under 8 GB: the state is shapes only. (One stacked
+    projection of bb3_30b alone, 48 x 7168 x 7168 floats, is 9.9 GB; peaks seen: 1-3 GB on the
+    development machine, 4.3 GB in a fresh CI environment, where XLA's compile takes more.)"""
     result, _, rss = plans[1]
     assert result["argument_bytes_per_device"] > 300e9
-    assert rss < 3e9, f"peak RSS {rss / 1e9:.1f} GB"
+    assert rss < 8e9, f"peak RSS {rss / 1e9:.1f} GB"
 
 
 def test_fits_compares_the_total_with_the_device_memory(plans):
