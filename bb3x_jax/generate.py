@@ -19,6 +19,8 @@ import sys
 from absl import app, flags
 
 from bb3x_jax import decoding
+from bb3x_jax.data import pipeline
+from bb3x_jax.train import generation_eval
 
 _INPUT = flags.DEFINE_string("input", "-", "JSONL contexts ('-': stdin).")
 _OUTPUT = flags.DEFINE_string("output", "-", "JSONL results ('-': stdout).")
@@ -52,8 +54,6 @@ def _read(path: str, tokenizer, text_truncate: int) -> tuple[list[dict], list[li
             if "context_ids" in record:
                 ids = [int(t) for t in record["context_ids"]]
             elif "context" in record and tokenizer is not None:
-                from bb3x_jax.data import pipeline
-
                 ids = pipeline.context_ids([record["context"]], tokenizer, text_truncate)[0].tolist()
                 ids = [t for t in ids if t != tokenizer.pad_id]
             else:
@@ -95,8 +95,6 @@ def main(argv):
                 ids = ids[: ids.index(model.config.end_id) + 1]
             result = {**record, "response_ids": ids}
             if tokenizer is not None:
-                from bb3x_jax.train import generation_eval
-
                 result["response"] = generation_eval.response_text(tokenizer, ids)
             out.write(json.dumps(result) + "\n")
     out.flush()

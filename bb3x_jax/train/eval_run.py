@@ -21,6 +21,7 @@ from ml_collections import config_dict
 
 from bb3x_jax import config as config_lib
 from bb3x_jax.data import dataset
+from bb3x_jax.data.tokenizer import _as_text
 from bb3x_jax.train import checkpoint as checkpoint_lib
 from bb3x_jax.train import evaluate as eval_lib
 from bb3x_jax.train import generation_eval
@@ -107,7 +108,6 @@ def write_generations(path: str, examples: list[dict], generated: dict[str, Any]
     verdicts = generated["verdicts"] or [None] * len(examples)
     with open(path, "w") as f:
         for example, response, verdict in zip(examples, generated["responses"], verdicts):
-            f.write(json.dumps({"context": generation_eval.pipeline._as_text(example["context"]),
-                                "label": generation_eval.pipeline._as_text(example["label"]),
+            f.write(json.dumps({"context": _as_text(example["context"]), "label": _as_text(example["label"]),
                                 "feedback": int(example["feedback"]), "response": response,
                                 "verdict": verdict}) + "\n")

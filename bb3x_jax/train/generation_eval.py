@@ -16,6 +16,7 @@ generates for held-out contexts with the configured decoding settings
 from __future__ import annotations
 
 import collections
+import dataclasses
 import re
 import string
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ import numpy as np
 
 from bb3x_jax import decoding
 from bb3x_jax.data import pipeline
+from bb3x_jax.data.tokenizer import _as_text
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -93,15 +95,15 @@ def evaluate_generations(network, tokenizer, examples: Sequence[dict], settings:
                          seed: int = 0, samples: int = 5) -> dict[str, Any]:
     """F1 and (with a judge) the judge's summary of generations for ``examples``
     (dicts with ``context`` and ``label`` texts); a few samples to read."""
-    contexts = [pipeline._as_text(e["context"]) for e in examples]
-    labels = [pipeline._as_text(e["label"]) for e in examples]
+    contexts = [_as_text(e["context"]) for e in examples]
+    labels = [_as_text(e["label"]) for e in examples]
     responses = generate_texts(network, tokenizer, contexts, settings, text_truncate=text_truncate,
                                context_framing=context_framing, batch_size=batch_size, seed=seed)
     result: dict[str, Any] = {
         "examples": len(examples),
         "f1": float(np.mean([f1_score(r, l) for r, l in zip(responses, labels)])) if examples else 0.0,
         "mean_words": float(np.mean([len(r.split()) for r in responses])) if examples else 0.0,
-        "settings": {k: v for k, v in vars(settings).items()},
+        "settings": dataclasses.asdict(settings),
     }
     verdicts = [judge(c, r) for c, r in zip(contexts, responses)] if judge else None
     if verdicts is not None:

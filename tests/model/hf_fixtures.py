@@ -9,16 +9,16 @@ from transformers import BlenderbotConfig, BlenderbotForConditionalGeneration, O
 from bb3x_jax.model import config, transformer
 
 
-def tiny_blenderbot(seed: int = 0):
+def tiny_blenderbot(seed: int = 0, *, scale_embedding: bool = True, positions: int = 32):
     torch.manual_seed(seed)
     hf_config = BlenderbotConfig(
         vocab_size=67, d_model=24, encoder_layers=2, decoder_layers=3, encoder_attention_heads=3,
-        decoder_attention_heads=3, encoder_ffn_dim=40, decoder_ffn_dim=40, max_position_embeddings=32,
-        activation_function="gelu", scale_embedding=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        decoder_start_token_id=1, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        decoder_attention_heads=3, encoder_ffn_dim=40, decoder_ffn_dim=40, max_position_embeddings=positions,
+        activation_function="gelu", scale_embedding=scale_embedding, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, decoder_start_token_id=1, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
     )
     ours = config.ModelConfig(vocab_size=67, d_model=24, n_heads=3, ffn_dim=40, n_encoder_layers=2,
-                              n_decoder_layers=3, n_positions=32)
+                              n_decoder_layers=3, n_positions=positions, embeddings_scale=scale_embedding)
     return BlenderbotForConditionalGeneration(hf_config).eval(), ours
 
 
@@ -81,16 +81,8 @@ def _chatty(hf, end_id: int, end_bias: float, seed: int):
 
 def chatty_blenderbot(end_bias: float = 1.5, seed: int = 0):
     """A tiny Blenderbot (no embedding scale) whose greedy and beam outputs vary and sometimes end."""
-    torch.manual_seed(seed)
-    hf_config = BlenderbotConfig(
-        vocab_size=67, d_model=24, encoder_layers=2, decoder_layers=3, encoder_attention_heads=3,
-        decoder_attention_heads=3, encoder_ffn_dim=40, decoder_ffn_dim=40, max_position_embeddings=40,
-        activation_function="gelu", scale_embedding=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        decoder_start_token_id=1, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-    )
-    ours = config.ModelConfig(vocab_size=67, d_model=24, n_heads=3, ffn_dim=40, n_encoder_layers=2,
-                              n_decoder_layers=3, n_positions=40, embeddings_scale=False)
-    return _chatty(BlenderbotForConditionalGeneration(hf_config).eval(), 2, end_bias, seed), ours
+    hf, ours = tiny_blenderbot(seed, scale_embedding=False, positions=40)
+    return _chatty(hf, 2, end_bias, seed), ours
 
 
 def chatty_opt(end_bias: float = 1.5, seed: int = 0):
