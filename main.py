@@ -6,6 +6,10 @@ Modes:
   eval   likelihood metrics per feedback class of the workdir's best (or latest)
          checkpoint on a split, and F1 / the judge's verdicts of its generations.
   chat   talk to the workdir's model in the terminal (or pipe a conversation in).
+  iterate  iterative CRINGE from the workdir's model: generate on training contexts,
+         judge, balance, add as a split, train on, evaluate; config.iterate.
+  train_judge  train a feedback classifier (good / bad response) on the release's
+         labelled messages and report its held-out accuracy.
   bench  time the real train step on synthetic batches; prints one JSON line.
   plan   compile the train step ahead of time from abstract shapes (no weights
          allocated) and print per-device memory and FLOPs per step.
@@ -22,7 +26,7 @@ from bb3x_jax import config as config_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cringe.py", "Configuration file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/cringe", "Where everything this run writes goes.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "chat", "bench", "plan", "data"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "chat", "iterate", "train_judge", "bench", "plan", "data"], "What to run.")
 
 
 class _QuietLibraries:
@@ -44,11 +48,11 @@ def main(argv):
 
     tfds.disable_progress_bar()  # our own output says what happened
     mode, workdir = _MODE.value, _WORKDIR.value
-    if mode == "train":
-        from bb3x_jax.train import loop
+    if mode in ("train", "iterate"):
+        from bb3x_jax.train import iterate, loop
 
         try:
-            loop.run(config, workdir)
+            (loop.run if mode == "train" else iterate.run)(config, workdir)
         except loop.Stopped as stopped:
             print(stopped, file=sys.stderr)
             sys.exit(128 + stopped.signum)  # the conventional status of a signalled job
@@ -60,6 +64,10 @@ def main(argv):
         from bb3x_jax import chat
 
         chat.run(config, workdir)
+    elif mode == "train_judge":
+        from bb3x_jax.train import judge_train
+
+        judge_train.run(config, workdir)
     elif mode == "bench":
         from bb3x_jax.train import bench
 

@@ -109,6 +109,14 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
     _require(config.eval.judge in ("auto", "synthetic", "none"), "eval.judge",
              f"{config.eval.judge!r} is not auto, synthetic or none")
     generation_settings(config)
+    judge = config.judge
+    for key in ("d_model", "n_heads", "ffn_dim", "n_layers", "steps", "batch_size"):
+        _require(judge[key] >= 1, f"judge.{key}", "must be positive")
+    _require(judge.d_model % judge.n_heads == 0, "judge.d_model", f"must be a multiple of judge.n_heads ({judge.n_heads})")
+    _require(judge.max_len >= 8, "judge.max_len", "must be at least 8 (context tail + separator + response)")
+    _require(judge.learning_rate > 0, "judge.learning_rate", "must be positive")
+    _require(judge.weight_decay >= 0, "judge.weight_decay", "must be >= 0")
+    _require(0.0 <= judge.dropout < 1.0, "judge.dropout", "must be in [0, 1)")
     bench = config.bench
     for key in ("batch", "context", "label", "steps"):
         _require(bench[key] >= 1, f"bench.{key}", "must be positive")
@@ -137,8 +145,8 @@ def model_overrides(config: config_dict.ConfigDict) -> dict:
 
 # Config sections a resumed run may change (they do not change what was trained so far).
 _RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.init_from",
-                      "checkpoint.", "eval.", "bench.", "plan.", "data_check.", "distributed.", "data.num_workers",
-                      "data.prefetch", "data.pipeline_workers", "data.manual_dir", "mesh.")
+                      "checkpoint.", "eval.", "iterate.", "judge.", "bench.", "plan.", "data_check.", "distributed.", "data.num_workers",
+                      "data.prefetch", "data.pipeline_workers", "data.manual_dir", "data.dir", "mesh.")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

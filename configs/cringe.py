@@ -20,6 +20,9 @@ def get_config() -> config_dict.ConfigDict:
     data = config_dict.ConfigDict()
     # '' -> the synthetic release is written into the workdir and used.
     data.manual_dir = ""
+    # Where the synthetic release and the prepared data (TFDS files, tokenizer, token
+    # caches) are kept; '' -> the workdir. Runs sharing a release may share this.
+    data.dir = ""
     data.stream = "bot"
     data.skip_malformed = False
     # Expected sha256 of a release tarball; 'none' skips the check (self-made tarballs).
@@ -51,6 +54,9 @@ def get_config() -> config_dict.ConfigDict:
     # Tokenize each split once into memory-mapped token files (reused while the
     # tokenizer and truncation stay the same); False tokenizes on the fly.
     data.token_cache = True
+    # Generated splits (bb3x_jax.data.generated) read after the train split; set by
+    # --mode=iterate for each iteration's training run.
+    data.extra_train = config_dict.placeholder(tuple)
     config.data = data
 
     # Device mesh: axis sizes; -1 takes the devices the other axes leave.
@@ -134,6 +140,44 @@ def get_config() -> config_dict.ConfigDict:
             "top_p": 1.0,
             "temperature": 1.0,
             "length_penalty": 1.0,
+        }
+    )
+
+    # --mode=iterate: iterative CRINGE from the workdir's trained model (iteration 0).
+    # Each iteration generates (config.generation) for `contexts` training contexts,
+    # judges them, balances them 50/50 into a generated split, and trains `steps`
+    # CRINGE steps (config.train otherwise) from the previous iteration's model on
+    # the train split plus every generated split so far, `generated_repeat` times
+    # each; then it is evaluated (config.eval) like --mode=eval. All of it lives in
+    # <workdir>/iterations/<i>/; an interrupted iteration resumes.
+    config.iterate = config_dict.ConfigDict(
+        {
+            "iterations": 3,
+            "contexts": 2000,  # training contexts generated for per iteration (0: all)
+            "steps": 300,
+            "generated_repeat": 1,  # how many times each generated split is read per epoch
+            # auto: the synthetic world's judge on the synthetic release, else the
+            # feedback classifier of --mode=train_judge (<workdir>/judge)
+            "judge": "auto",  # auto | synthetic | classifier
+            "judge_path": "",  # a classifier directory ('' -> <workdir>/judge)
+        }
+    )
+
+    # --mode=train_judge: a feedback classifier (good / bad response) trained on the
+    # release's labelled bot messages (config.data.policy decides the labels),
+    # with its held-out accuracy on eval.split; written to <workdir>/judge.
+    config.judge = config_dict.ConfigDict(
+        {
+            "d_model": 64,
+            "n_heads": 4,
+            "ffn_dim": 256,
+            "n_layers": 2,
+            "max_len": 128,  # context tail + response tokens seen by the classifier
+            "steps": 400,
+            "batch_size": 64,
+            "learning_rate": 1e-3,
+            "weight_decay": 0.01,
+            "dropout": 0.1,
         }
     )
 

@@ -19,14 +19,23 @@ from ml_collections import config_dict
 
 from bb3x_jax import config as config_lib
 from bb3x_jax.data import builder as builder_lib
-from bb3x_jax.data import parallel, pipeline, records, synthetic, token_cache, tokenizer as tokenizer_lib
+from bb3x_jax.data import generated, parallel, pipeline, records, synthetic, token_cache, tokenizer as tokenizer_lib
+
+
+def data_root(data: config_dict.ConfigDict, workdir: str) -> str:
+    """Where the synthetic release and the prepared data live: ``data.dir``, else the workdir.
+
+    Runs that share one release (the iterations of --mode=iterate, an
+    experiment's models) point ``data.dir`` at one folder and prepare it once.
+    """
+    return os.path.expanduser(data.dir) if data.dir else workdir
 
 
 def resolve_release(data: config_dict.ConfigDict, workdir: str) -> str:
-    """The configured release, or the synthetic one written (once) into the workdir."""
+    """The configured release, or the synthetic one written (once) into the data root."""
     if data.manual_dir:
         return os.path.expanduser(data.manual_dir)
-    folder = os.path.join(workdir, "synthetic_release")
+    folder = os.path.join(data_root(data, workdir), "synthetic_release")
     marker = os.path.join(folder, "SYNTHESIZED.json")
     wanted = {"conversations": int(data.synthetic.conversations), "seed": int(data.synthetic.seed)}
     if os.path.exists(marker):
@@ -46,7 +55,7 @@ def prepare(config: config_dict.ConfigDict, workdir: str) -> builder_lib.Bb3xDep
     return builder_lib.prepare(
         resolve_release(data, workdir),
         data.stream,
-        data_dir=os.path.join(workdir, "tfds"),
+        data_dir=os.path.join(data_root(data, workdir), "tfds"),
         policy=config_lib.feedback_policy(config),
         skip_malformed=data.skip_malformed,
         tarball_sha256=sha,
@@ -147,15 +156,33 @@ def source(built: builder_lib.Bb3xDeployment, split: str) -> records.TrainingRec
 
 
 def batch_source(config: config_dict.ConfigDict, built: builder_lib.Bb3xDeployment, tok, split: str):
-    """What the pipeline reads for ``split``: the token cache (built once) or the raw records."""
-    records_source = source(built, split)
+    """What the pipeline reads for ``split``: the token cache (built once) or the raw records.
+
+    The train split is followed by the generated splits of ``data.extra_train``
+    (iterative CRINGE; a split listed twice is read twice per epoch).
+    """
+    data = config.data
+    release = _cached(config, source(built, split), tok, str(built.data_dir), split)
+    if split != "train" or not data.extra_train:
+        return release
+    extra = {}
+    for path in dict.fromkeys(data.extra_train):
+        try:
+            split_source = generated.GeneratedSplit(path)
+        except (OSError, ValueError) as error:
+            raise config_lib.ConfigError("data.extra_train", str(error)) from None
+        extra[path] = _cached(config, split_source, tok, path, "generated")
+    return generated.ConcatRecords([release] + [extra[path] for path in data.extra_train])
+
+
+def _cached(config: config_dict.ConfigDict, records_source, tok, root: str, name: str):
     data = config.data
     if not data.token_cache:
         return records_source
-    path = token_cache.cache_dir(str(built.data_dir), split, tok, data.text_truncate, data.label_truncate)
+    path = token_cache.cache_dir(root, name, tok, data.text_truncate, data.label_truncate)
     if not os.path.exists(os.path.join(path, "meta.json")):
-        logging.info("Tokenizing split %s once into %s", split, path)
-    workers = parallel.resolve_workers(data.num_workers)
+        logging.info("Tokenizing %s once into %s", name, path)
+    workers = parallel.resolve_workers(data.num_workers) if len(records_source) > 10_000 else 0
     return token_cache.build(records_source, tok, data.text_truncate, data.label_truncate, path, workers=workers)
 
 

@@ -26,6 +26,8 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from bb3x_jax.data import schema
 
 POSITIVE, NEGATIVE = schema.POSITIVE, schema.NEGATIVE
@@ -156,3 +158,50 @@ class ConcatRecords:
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         return [self[int(i)] for i in indices]
+
+    def __getattr__(self, name: str):
+        # token_rows exists only when every source is a token cache (the pipeline
+        # probes for it with getattr), so a mixed concatenation falls back to text.
+        cached = name in ("token_rows", "text_truncate", "label_truncate") and self.sources and all(
+            hasattr(s, "token_rows") for s in self.sources)
+        if not cached:
+            raise AttributeError(name)
+        if name == "token_rows":
+            return self._token_rows
+        values = {getattr(s, name) for s in self.sources}
+        if len(values) != 1:
+            raise ValueError(f"token caches with different {name}: {sorted(values)}")
+        return values.pop()
+
+    def _token_rows(self, indices):
+        """Token caches' ``token_rows`` through the concatenation: each source is asked
+        for its own rows, and the rows are put back in the order of ``indices``."""
+        indices = np.asarray(indices, np.int64)
+        if len(indices) and not (0 <= indices.min() and indices.max() < len(self)):
+            raise IndexError(f"index out of range 0..{len(self) - 1}")
+        which = np.searchsorted(np.asarray(self._ends), indices, side="right")
+        starts_of = np.concatenate([[0], self._ends[:-1]]).astype(np.int64)
+        parts = {"context": ([], [], []), "label": ([], [], [])}  # streams, starts, lengths
+        feedback = np.zeros(len(indices), np.int32)
+        order = []
+        offset = {"context": 0, "label": 0}
+        for source_index in np.unique(which):
+            rows = np.flatnonzero(which == source_index)
+            ctx, lab, fb = self.sources[source_index].token_rows(indices[rows] - starts_of[source_index])
+            for name, (stream, starts, lengths) in (("context", ctx), ("label", lab)):
+                parts[name][0].append(stream)
+                parts[name][1].append(starts + offset[name])
+                parts[name][2].append(lengths)
+                offset[name] += len(stream)
+            feedback[rows] = fb
+            order.append(rows)
+        position = np.empty(len(indices), np.int64)
+        position[np.concatenate(order) if order else []] = np.arange(len(indices))
+
+        def joined(name):
+            streams, starts, lengths = parts[name]
+            if not streams:
+                return np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64)
+            return (np.concatenate(streams), np.concatenate(starts)[position], np.concatenate(lengths)[position])
+
+        return joined("context"), joined("label"), feedback

@@ -130,6 +130,9 @@ PRESETS: dict[str, ModelConfig] = {
     # Small models for tests and the laptop demo.
     "tiny": ModelConfig(vocab_size=2048, d_model=64, n_heads=4, ffn_dim=128,
                         n_encoder_layers=2, n_decoder_layers=2, n_positions=256),
+    # The BB3 -> BB3x experiment's model on CPU (bb3x_jax/experiments/bb3x_table.py).
+    "small": ModelConfig(vocab_size=4000, d_model=128, n_heads=4, ffn_dim=512,
+                         n_encoder_layers=2, n_decoder_layers=2, n_positions=256),
     "tiny_opt": ModelConfig(d_model=64, n_heads=4, ffn_dim=256, n_decoder_layers=2, **{**_OPT, "vocab_size": 2048,
                                                                                         "n_positions": 256}),
 }

@@ -76,9 +76,12 @@ def generation_metrics(config: config_dict.ConfigDict, setup, params, split: str
     ), examples
 
 
-def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(config: config_dict.ConfigDict, workdir: str, *, checkpoints_dir: str | None = None) -> dict[str, Any]:
+    """Evaluates ``<workdir>/checkpoints`` (or ``checkpoints_dir``) and writes the results into the workdir."""
     setup = setup_lib.Setup(config, workdir, with_optimizer=False)
-    checkpoints = setup_lib.checkpointer(config, workdir)
+    checkpoints = setup_lib.checkpointer(config, workdir) if checkpoints_dir is None else \
+        checkpoint_lib.Checkpointer(checkpoints_dir, best_metric=config.checkpoint.best_metric,
+                                    best_mode=config.checkpoint.best_mode, async_save=False)
     step = choose_step(checkpoints, config.eval.checkpoint)
     checkpoints.close()
     params, meta = checkpoint_lib.read_params(checkpoints.directory, checkpoint_lib.abstract(setup.params), step)

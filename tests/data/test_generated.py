@@ -67,3 +67,30 @@ def test_split_round_trip_concat_and_bad_lines(tmp_path):
         f.write(json.dumps({"context": "x"}) + "\n")
     with pytest.raises(ValueError, match="examples.jsonl:3"):
         generated.GeneratedSplit(str(tmp_path / "iter1"))
+
+
+def test_concatenated_token_caches_give_each_source_rows_in_request_order(tmp_path, tokenizer):
+    """ConcatRecords over token caches offers token_rows (so training stays on cached ids) and each
+    requested index gets exactly its own source's row, in the order requested; a mixed concatenation
+    (cache + text) offers none, so the pipeline falls back to tokenizing text."""
+    import numpy as np
+
+    from bb3x_jax.data import token_cache
+
+    first = [{"context": f"hello there\nhow are you {i}", "label": f"fine {i}", "feedback": i % 2} for i in range(5)]
+    second = [{"context": f"tell me {i} things", "label": f"no no {i}", "feedback": 1} for i in range(3)]
+    caches = [token_cache.build(src, tokenizer, 16, 8, str(tmp_path / name))
+              for src, name in ((first, "a"), (second, "b"))]
+    both = generated.ConcatRecords(caches)
+    assert both.text_truncate == 16 and both.label_truncate == 8
+    order = np.array([6, 0, 4, 5, 1, 7, 6])
+    got = both.token_rows(order)
+    for position, index in enumerate(order):
+        source, local = (caches[0], index) if index < 5 else (caches[1], index - 5)
+        want = source.token_rows(np.array([local]))
+        for part in range(2):
+            stream, starts, lengths = got[part]
+            row = stream[starts[position] : starts[position] + lengths[position]]
+            np.testing.assert_array_equal(row, want[part][0])
+        assert got[2][position] == want[2][0]
+    assert not hasattr(generated.ConcatRecords([caches[0], first]), "token_rows")

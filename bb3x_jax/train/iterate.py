@@ -1,0 +1,248 @@
+"""``--mode=iterate``: iterative CRINGE, the BB3x procedure, from the workdir's model.
+
+Iteration 0 is the model already trained in the workdir (``--mode=train``,
+e.g. the MLE baseline standing in for BB3). Iteration ``i`` then
+
+1. generates, with the configured decoding (``config.generation``: BB3's beam
+   search by default), a response for ``iterate.contexts`` contexts drawn from
+   the train split (a fresh seeded draw per iteration), using model ``i - 1``;
+2. labels each response with the judge (the synthetic world's ground truth,
+   or the feedback classifier of ``--mode=train_judge``);
+3. balances them 50/50 into positives and negatives, each distinct positive at
+   most twice (``generated.balance``) and writes them as a prepared split;
+4. trains ``iterate.steps`` steps of ``config.train`` (CRINGE) starting from
+   model ``i - 1``'s weights, on the release's train split followed by every
+   generated split so far (``data.extra_train``), so the negatives track what
+   the current model does wrong while the organic feedback stays in the mix;
+5. evaluates the new model like ``--mode=eval`` (likelihoods, F1, the judge's
+   good rate by bad reason).
+
+Layout: ``<workdir>/iterations/<i>/`` holds iteration ``i``'s generated split
+(``generated/``), its training run (checkpoints, metrics, summary) and its
+evaluation; ``iterations/0/`` holds the starting model's evaluation. Each
+stage is skipped when its output is complete, and the training run resumes from
+its own checkpoints, so an interrupted ``--mode=iterate`` picks up where it
+stopped. ``<workdir>/iterations/results.json`` and ``results.md`` gather one row
+per iteration.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from ml_collections import config_dict
+
+from bb3x_jax import config as config_lib
+from bb3x_jax.data import dataset, generated, schema
+from bb3x_jax.data.tokenizer import _as_text
+from bb3x_jax.train import checkpoint as checkpoint_lib
+from bb3x_jax.train import eval_run, generation_eval
+from bb3x_jax.train import setup as setup_lib
+
+Judge = Callable[[Sequence[str], Sequence[str]], list]
+
+
+def make_judge(config: config_dict.ConfigDict, workdir: str) -> tuple[Judge, tuple[str, ...], str]:
+    """(batched judge, its bad reasons, a description) for ``iterate.judge``."""
+    which = config.iterate.judge
+    if which == "auto":
+        which = "synthetic" if not config.data.manual_dir else "classifier"
+    if which == "synthetic":
+        from bb3x_jax.data import synthetic
+
+        return (lambda contexts, responses: [synthetic.judge(c, r) for c, r in zip(contexts, responses)],
+                synthetic.BAD_REASONS, "synthetic world ground truth")
+    from bb3x_jax.train import judge_train
+
+    path = config.iterate.judge_path or os.path.join(workdir, "judge")
+    classifier = judge_train.load_judge(path)
+    return classifier.verdicts, ("bad",), f"feedback classifier {path}"
+
+
+def iteration_dir(workdir: str, iteration: int) -> str:
+    return os.path.join(workdir, "iterations", str(iteration))
+
+
+def iteration_config(config: config_dict.ConfigDict, workdir: str, iteration: int, init_from: str) -> config_dict.ConfigDict:
+    """The training run of ``iteration``: ``config.train`` for ``iterate.steps`` steps from
+    ``init_from``, on the train split plus generated splits 1..iteration, on the
+    workdir's prepared data."""
+    cfg = copy.deepcopy(config)
+    with cfg.unlocked():
+        cfg.seed = config.seed + iteration
+        cfg.train.steps = config.iterate.steps
+        cfg.train.warmup_steps = min(config.train.warmup_steps, config.iterate.steps)
+        cfg.train.init_from = init_from
+        cfg.data.dir = dataset.data_root(config.data, workdir)
+        splits = [os.path.join(iteration_dir(workdir, i), "generated") for i in range(1, iteration + 1)]
+        cfg.data.extra_train = tuple(p for p in splits for _ in range(config.iterate.generated_repeat))
+        cfg.eval.checkpoint = "latest"  # the model the next iteration continues from
+    return config_lib.validate(cfg)
+
+
+def starting_checkpoint(config: config_dict.ConfigDict, workdir: str) -> str:
+    """The step folder of iteration 0: the workdir's ``eval.checkpoint`` (best by default)."""
+    checkpoints = setup_lib.checkpointer(config, workdir)
+    try:
+        step = eval_run.choose_step(checkpoints, config.eval.checkpoint)
+    finally:
+        checkpoints.close()
+    return os.path.join(checkpoints.directory, str(step))
+
+
+def latest_checkpoint(run_dir: str) -> str:
+    directory = os.path.join(run_dir, "checkpoints")
+    steps = sorted(int(s) for s in os.listdir(directory) if s.isdigit())
+    if not steps:
+        raise FileNotFoundError(f"{directory}: no checkpoint")
+    return os.path.join(directory, str(steps[-1]))
+
+
+def draw_contexts(records, count: int, seed: int, iteration: int) -> list[dict]:
+    """``count`` train records (all when 0 or more than there are), a seeded draw per iteration."""
+    n = len(records)
+    if not count or count >= n:
+        indices = np.arange(n)
+    else:
+        indices = np.sort(np.random.default_rng([seed, iteration]).choice(n, size=count, replace=False))
+    return records.__getitems__([int(i) for i in indices])
+
+
+def generate_split(config: config_dict.ConfigDict, workdir: str, iteration: int, checkpoint: str,
+                   judge: Judge, reasons: Sequence[str], judge_name: str) -> dict[str, Any]:
+    """Stage 1-3: generate with the model at ``checkpoint``, judge, balance, write the split."""
+    from flax import nnx
+
+    started = time.perf_counter()
+    cfg = copy.deepcopy(config)
+    with cfg.unlocked():
+        cfg.data.dir = dataset.data_root(config.data, workdir)
+        cfg.train.init_from = ""
+    setup = setup_lib.Setup(cfg, workdir, with_optimizer=False)
+    directory, step = os.path.dirname(checkpoint), int(os.path.basename(checkpoint))
+    params, _ = checkpoint_lib.read_params(directory, checkpoint_lib.abstract(setup.params), step)
+    records = draw_contexts(dataset.source(setup.built, "train"), config.iterate.contexts, config.seed, iteration)
+    contexts = [_as_text(r["context"]) for r in records]
+    network = nnx.merge(setup.graphdef, params, setup.rest)
+    settings = config_lib.generation_settings(config)
+    responses = generation_eval.generate_texts(
+        network, setup.tokenizer, contexts, settings, text_truncate=config.data.text_truncate,
+        context_framing=config.data.context_framing, batch_size=config.eval.generate_batch,
+        seed=config.seed + iteration,
+    )
+    generated_s = time.perf_counter() - started
+    verdicts = list(judge(contexts, responses))
+    examples = [
+        {"context": c, "label": r, "verdict": v, "iteration": iteration,
+         "feedback": schema.POSITIVE if v == "good" else schema.NEGATIVE}
+        for c, r, v in zip(contexts, responses, verdicts)
+    ]
+    balanced, counts = generated.balance(examples, seed=config.seed + iteration)
+    meta = {
+        "iteration": iteration, "model": checkpoint, "judge": judge_name, "settings": dataclasses.asdict(settings),
+        "contexts": len(contexts), "balance": counts, "verdicts": generation_eval.judge_summary(verdicts, reasons),
+        "generate_s": round(generated_s, 1),
+    }
+    path = os.path.join(iteration_dir(workdir, iteration), "generated")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    written = generated.write_split(path, balanced, meta)
+    print(f"iteration {iteration}: {len(contexts)} generations in {generated_s:.0f}s, "
+          f"judged good {100 * meta['verdicts']['good_rate']:.1f}%; kept {counts['positive_kept']} positive + "
+          f"{counts['negative_kept']} negative -> {path}")
+    return written
+
+
+def _evaluation(config: config_dict.ConfigDict, run_dir: str, checkpoints_dir: str | None = None) -> dict[str, Any]:
+    path = os.path.join(run_dir, f"eval_{config.eval.split}.json")
+    if not os.path.exists(path):
+        eval_run.run(config, run_dir, checkpoints_dir=checkpoints_dir)
+    with open(path) as f:
+        return json.load(f)
+
+
+def _baseline_evaluation(config: config_dict.ConfigDict, workdir: str, checkpoint: str) -> dict[str, Any]:
+    """Iteration 0's evaluation, written to iterations/0 (the workdir's own eval files stay as they are)."""
+    run_dir = iteration_dir(workdir, 0)
+    os.makedirs(run_dir, exist_ok=True)
+    cfg = copy.deepcopy(config)
+    with cfg.unlocked():
+        cfg.data.dir = dataset.data_root(config.data, workdir)
+        cfg.eval.checkpoint = os.path.basename(checkpoint)
+    return _evaluation(cfg, run_dir, checkpoints_dir=os.path.dirname(checkpoint))
+
+
+def result_row(iteration: int, checkpoint: str, evaluation: dict[str, Any],
+               split_meta: dict[str, Any] | None) -> dict[str, Any]:
+    gen = evaluation.get("generation", {})
+    row = {
+        "iteration": iteration, "model": checkpoint,
+        "good_rate": gen.get("good_rate"), "reasons": gen.get("reasons", {}), "f1": gen.get("f1"),
+        "generations": gen.get("examples"),
+        "ppl_positive": evaluation.get("ppl_positive"), "ppl_negative": evaluation.get("ppl_negative"),
+        "nll_gap": evaluation.get("nll_gap_negative_minus_positive"),
+    }
+    if split_meta is not None:
+        row["train_generated"] = {"good_rate": split_meta["verdicts"]["good_rate"],
+                                  "positive": split_meta["positive"], "negative": split_meta["negative"]}
+    return row
+
+
+def format_results(rows: Sequence[dict[str, Any]]) -> str:
+    """A markdown table: one row per iteration, good rate and each bad reason (percent)."""
+    reasons = sorted({r for row in rows for r in row["reasons"]})
+    head = ["iteration", "good %"] + [f"{r} %" for r in reasons] + ["F1", "ppl +", "ppl -"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
+        num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        cells = [str(row["iteration"]), pct(row["good_rate"])] + [pct(row["reasons"].get(r, 0.0)) for r in reasons]
+        cells += [num(row["f1"], ".3f"), num(row["ppl_positive"], ".2f"), num(row["ppl_negative"], ".2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run(config: config_dict.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+    if jax.process_count() > 1:
+        raise NotImplementedError("--mode=iterate runs in one process (its generation is not multi-host yet)")
+    if not config.eval.generate_examples:
+        raise config_lib.ConfigError("eval.generate_examples", "--mode=iterate evaluates generations: must be > 0")
+    judge, reasons, judge_name = make_judge(config, workdir)
+    start = starting_checkpoint(config, workdir)
+    rows = [result_row(0, start, _baseline_evaluation(config, workdir, start), None)]
+    previous = start
+    for iteration in range(1, config.iterate.iterations + 1):
+        run_dir = iteration_dir(workdir, iteration)
+        split_path = os.path.join(run_dir, "generated")
+        if not os.path.exists(os.path.join(split_path, "meta.json")):
+            generate_split(config, workdir, iteration, previous, judge, reasons, judge_name)
+        split_meta = json.load(open(os.path.join(split_path, "meta.json")))
+        cfg = iteration_config(config, workdir, iteration, previous)
+        if not os.path.exists(os.path.join(run_dir, "summary.json")):
+            from bb3x_jax.train import loop
+
+            logging.info("iteration %d: training %d steps from %s", iteration, cfg.train.steps, previous)
+            loop.run(cfg, run_dir)
+        previous = latest_checkpoint(run_dir)
+        rows.append(result_row(iteration, previous, _evaluation(cfg, run_dir), split_meta))
+        _write_results(workdir, rows, judge_name)
+    _write_results(workdir, rows, judge_name)
+    print(format_results(rows))
+    return rows
+
+
+def _write_results(workdir: str, rows: list[dict[str, Any]], judge_name: str) -> None:
+    folder = os.path.join(workdir, "iterations")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump({"judge": judge_name, "rows": rows}, f, indent=1)
+    with open(os.path.join(folder, "results.md"), "w") as f:
+        f.write(format_results(rows) + "\n")
