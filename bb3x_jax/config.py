@@ -106,8 +106,15 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
     _require(config.eval.batches >= 0, "eval.batches", "must be >= 0")
     _require(config.eval.generate_examples >= 0, "eval.generate_examples", "must be >= 0 (0: no generations)")
     _require(config.eval.generate_batch >= 1, "eval.generate_batch", "must be positive")
-    _require(config.eval.judge in ("auto", "synthetic", "none"), "eval.judge",
-             f"{config.eval.judge!r} is not auto, synthetic or none")
+    _require(config.eval.judge in ("auto", "synthetic", "classifier", "none"), "eval.judge",
+             f"{config.eval.judge!r} is not auto, synthetic, classifier or none")
+    it = config.iterate
+    _require(it.iterations >= 1, "iterate.iterations", "must be positive")
+    _require(it.contexts >= 0, "iterate.contexts", "must be >= 0 (0: every train context)")
+    _require(it.steps >= 1, "iterate.steps", "must be positive")
+    _require(it.generated_repeat >= 1, "iterate.generated_repeat", "must be positive")
+    _require(it.judge in ("auto", "synthetic", "classifier"), "iterate.judge",
+             f"{it.judge!r} is not auto, synthetic or classifier")
     generation_settings(config)
     judge = config.judge
     for key in ("d_model", "n_heads", "ffn_dim", "n_layers", "steps", "batch_size"):

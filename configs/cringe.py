@@ -120,8 +120,9 @@ def get_config() -> config_dict.ConfigDict:
             "batches": 0,  # 0: the whole split
             "generate_examples": 200,
             "generate_batch": 32,
-            # auto: the synthetic world's ground truth on the synthetic release, else none
-            "judge": "auto",  # auto | synthetic | none
+            # auto: the synthetic world's ground truth on the synthetic release, else the
+            # feedback classifier (judge.path) when one was trained, else none
+            "judge": "auto",  # auto | synthetic | classifier | none
         }
     )
 
@@ -157,9 +158,8 @@ def get_config() -> config_dict.ConfigDict:
             "steps": 300,
             "generated_repeat": 1,  # how many times each generated split is read per epoch
             # auto: the synthetic world's judge on the synthetic release, else the
-            # feedback classifier of --mode=train_judge (<workdir>/judge)
+            # feedback classifier of --mode=train_judge (judge.path)
             "judge": "auto",  # auto | synthetic | classifier
-            "judge_path": "",  # a classifier directory ('' -> <workdir>/judge)
         }
     )
 
@@ -168,6 +168,7 @@ def get_config() -> config_dict.ConfigDict:
     # with its held-out accuracy on eval.split; written to <workdir>/judge.
     config.judge = config_dict.ConfigDict(
         {
+            "path": "",  # where the classifier is written / read ('' -> <workdir>/judge)
             "d_model": 64,
             "n_heads": 4,
             "ffn_dim": 256,

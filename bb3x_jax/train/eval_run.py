@@ -43,16 +43,38 @@ def choose_step(checkpoints: checkpoint_lib.Checkpointer, which: str) -> int:
     return int(which)
 
 
-def make_judge(config: config_dict.ConfigDict):
-    """(judge function or None, its bad reasons) for ``eval.judge``."""
-    which = config.eval.judge
-    if which == "auto":
-        which = "synthetic" if not config.data.manual_dir else "none"
-    if which == "none":
-        return None, ()
-    from bb3x_jax.data import synthetic
+def judge_path(config: config_dict.ConfigDict, workdir: str) -> str:
+    """Where the feedback classifier lives: ``judge.path``, else ``<workdir>/judge``."""
+    return os.path.expanduser(config.judge.path) if config.judge.path else os.path.join(workdir, "judge")
 
-    return synthetic.judge, synthetic.BAD_REASONS
+
+def make_judge(config: config_dict.ConfigDict, workdir: str, which: str | None = None):
+    """(batched judge ``(contexts, responses) -> verdicts`` or None, its bad reasons, a name).
+
+    ``which`` (default ``eval.judge``): ``synthetic`` is the synthetic world's
+    ground truth, ``classifier`` the feedback classifier of ``--mode=train_judge``
+    (verdicts "good" / "bad"), ``auto`` the first on the synthetic release and
+    otherwise the classifier when one was trained, ``none`` no judge.
+    """
+    which = config.eval.judge if which is None else which
+    if which == "auto":
+        if not config.data.manual_dir:
+            which = "synthetic"
+        else:
+            which = "classifier" if os.path.exists(os.path.join(judge_path(config, workdir), "meta.json")) else "none"
+    if which == "none":
+        return None, (), "none"
+    if which == "synthetic":
+        from bb3x_jax.data import synthetic
+
+        def ground_truth(contexts, responses):
+            return [synthetic.judge(c, r) for c, r in zip(contexts, responses)]
+
+        return ground_truth, synthetic.BAD_REASONS, "synthetic world ground truth"
+    from bb3x_jax.train import judge_train
+
+    path = judge_path(config, workdir)
+    return judge_train.load_judge(path).verdicts, ("bad",), f"feedback classifier {path}"
 
 
 def spread_examples(records, count: int) -> list[dict]:
@@ -67,7 +89,7 @@ def generation_metrics(config: config_dict.ConfigDict, setup, params, split: str
     from flax import nnx
 
     examples = spread_examples(dataset.source(setup.built, split), config.eval.generate_examples)
-    judge, reasons = make_judge(config)
+    judge, reasons, _ = make_judge(config, setup.workdir)
     network = nnx.merge(setup.graphdef, params, setup.rest)
     return generation_eval.evaluate_generations(
         network, setup.tokenizer, examples, config_lib.generation_settings(config),

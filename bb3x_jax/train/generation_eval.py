@@ -8,9 +8,10 @@ generates for held-out contexts with the configured decoding settings
 - ``f1``: unigram F1 against the label text after ParlAI's normalisation
   (lower case, no punctuation, no articles), averaged over examples;
 - ``good_rate`` and ``reasons``: the share of generations a judge calls good,
-  and the share of each bad reason, from a ``judge(context, response) -> str``
-  that returns ``"good"`` or a reason (the synthetic world's ground truth,
-  ``bb3x_jax.data.synthetic.judge``).
+  and the share of each bad reason, from a batched judge
+  ``(contexts, responses) -> verdicts``, each ``"good"`` or a reason (the
+  synthetic world's ground truth, ``bb3x_jax.data.synthetic.judge``, or the
+  feedback classifier of ``--mode=train_judge``).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def judge_summary(verdicts: Sequence[str], reasons: Sequence[str] = ()) -> dict[
 
 def evaluate_generations(network, tokenizer, examples: Sequence[dict], settings: decoding.Settings, *,
                          text_truncate: int, context_framing: str, batch_size: int,
-                         judge: Callable[[str, str], str] | None, reasons: Sequence[str] = (),
+                         judge: Callable[[list[str], list[str]], list[str]] | None, reasons: Sequence[str] = (),
                          seed: int = 0, samples: int = 5) -> dict[str, Any]:
     """F1 and (with a judge) the judge's summary of generations for ``examples``
     (dicts with ``context`` and ``label`` texts); a few samples to read."""
@@ -105,7 +106,7 @@ def evaluate_generations(network, tokenizer, examples: Sequence[dict], settings:
         "mean_words": float(np.mean([len(r.split()) for r in responses])) if examples else 0.0,
         "settings": dataclasses.asdict(settings),
     }
-    verdicts = [judge(c, r) for c, r in zip(contexts, responses)] if judge else None
+    verdicts = list(judge(contexts, responses)) if judge else None
     if verdicts is not None:
         result.update(judge_summary(verdicts, reasons))
     result["samples"] = [

@@ -48,26 +48,6 @@ from bb3x_jax.train import checkpoint as checkpoint_lib
 from bb3x_jax.train import eval_run, generation_eval
 from bb3x_jax.train import setup as setup_lib
 
-Judge = Callable[[Sequence[str], Sequence[str]], list]
-
-
-def make_judge(config: config_dict.ConfigDict, workdir: str) -> tuple[Judge, tuple[str, ...], str]:
-    """(batched judge, its bad reasons, a description) for ``iterate.judge``."""
-    which = config.iterate.judge
-    if which == "auto":
-        which = "synthetic" if not config.data.manual_dir else "classifier"
-    if which == "synthetic":
-        from bb3x_jax.data import synthetic
-
-        return (lambda contexts, responses: [synthetic.judge(c, r) for c, r in zip(contexts, responses)],
-                synthetic.BAD_REASONS, "synthetic world ground truth")
-    from bb3x_jax.train import judge_train
-
-    path = config.iterate.judge_path or os.path.join(workdir, "judge")
-    classifier = judge_train.load_judge(path)
-    return classifier.verdicts, ("bad",), f"feedback classifier {path}"
-
-
 def iteration_dir(workdir: str, iteration: int) -> str:
     return os.path.join(workdir, "iterations", str(iteration))
 
@@ -86,6 +66,7 @@ def iteration_config(config: config_dict.ConfigDict, workdir: str, iteration: in
         splits = [os.path.join(iteration_dir(workdir, i), "generated") for i in range(1, iteration + 1)]
         cfg.data.extra_train = tuple(p for p in splits for _ in range(config.iterate.generated_repeat))
         cfg.eval.checkpoint = "latest"  # the model the next iteration continues from
+        cfg.judge.path = eval_run.judge_path(config, workdir)  # the workdir's judge, not the iteration's
     return config_lib.validate(cfg)
 
 
@@ -118,7 +99,7 @@ def draw_contexts(records, count: int, seed: int, iteration: int) -> list[dict]:
 
 
 def generate_split(config: config_dict.ConfigDict, workdir: str, iteration: int, checkpoint: str,
-                   judge: Judge, reasons: Sequence[str], judge_name: str) -> dict[str, Any]:
+                   judge: Callable[[list[str], list[str]], list[str]], reasons: Sequence[str], judge_name: str) -> dict[str, Any]:
     """Stage 1-3: generate with the model at ``checkpoint``, judge, balance, write the split."""
     from flax import nnx
 
@@ -161,7 +142,7 @@ def generate_split(config: config_dict.ConfigDict, workdir: str, iteration: int,
     return written
 
 
-def _evaluation(config: config_dict.ConfigDict, run_dir: str, checkpoints_dir: str | None = None) -> dict[str, Any]:
+def evaluation(config: config_dict.ConfigDict, run_dir: str, checkpoints_dir: str | None = None) -> dict[str, Any]:
     path = os.path.join(run_dir, f"eval_{config.eval.split}.json")
     if not os.path.exists(path):
         eval_run.run(config, run_dir, checkpoints_dir=checkpoints_dir)
@@ -177,7 +158,8 @@ def _baseline_evaluation(config: config_dict.ConfigDict, workdir: str, checkpoin
     with cfg.unlocked():
         cfg.data.dir = dataset.data_root(config.data, workdir)
         cfg.eval.checkpoint = os.path.basename(checkpoint)
-    return _evaluation(cfg, run_dir, checkpoints_dir=os.path.dirname(checkpoint))
+        cfg.judge.path = eval_run.judge_path(config, workdir)
+    return evaluation(cfg, run_dir, checkpoints_dir=os.path.dirname(checkpoint))
 
 
 def result_row(iteration: int, checkpoint: str, evaluation: dict[str, Any],
@@ -215,7 +197,10 @@ def run(config: config_dict.ConfigDict, workdir: str) -> list[dict[str, Any]]:
         raise NotImplementedError("--mode=iterate runs in one process (its generation is not multi-host yet)")
     if not config.eval.generate_examples:
         raise config_lib.ConfigError("eval.generate_examples", "--mode=iterate evaluates generations: must be > 0")
-    judge, reasons, judge_name = make_judge(config, workdir)
+    judge, reasons, judge_name = eval_run.make_judge(config, workdir, config.iterate.judge)
+    if judge is None:
+        raise config_lib.ConfigError("iterate.judge", "no judge: train one with --mode=train_judge "
+                                     f"(looked for {eval_run.judge_path(config, workdir)}) or name one")
     start = starting_checkpoint(config, workdir)
     rows = [result_row(0, start, _baseline_evaluation(config, workdir, start), None)]
     previous = start
@@ -232,7 +217,7 @@ def run(config: config_dict.ConfigDict, workdir: str) -> list[dict[str, Any]]:
             logging.info("iteration %d: training %d steps from %s", iteration, cfg.train.steps, previous)
             loop.run(cfg, run_dir)
         previous = latest_checkpoint(run_dir)
-        rows.append(result_row(iteration, previous, _evaluation(cfg, run_dir), split_meta))
+        rows.append(result_row(iteration, previous, evaluation(cfg, run_dir), split_meta))
         _write_results(workdir, rows, judge_name)
     _write_results(workdir, rows, judge_name)
     print(format_results(rows))

@@ -1,0 +1,37 @@
+"""The BB3 -> BB3x experiment on CPU: ``python -m bb3x_jax.experiments.bb3x_table``.
+
+The main config (configs/cringe.py) with a model that can learn the synthetic
+world in minutes on two cores, and three extra sections read only by the
+experiment: ``baseline`` (how the stand-in for BB3 is trained: likelihood on all
+bot responses), ``control`` (the baseline trained on with likelihood for as many
+steps as the iterations take, so the table shows what CRINGE adds beyond more
+training) and the ``iterate`` section of the main config for the CRINGE
+iterations.
+"""
+
+from ml_collections import config_dict
+
+from configs import cringe
+
+
+def get_config() -> config_dict.ConfigDict:
+    config = cringe.get_config()
+    config.model.preset = "small"  # d=128, 2+2 layers: learns topics in minutes on CPU
+    config.data.text_truncate = 64  # the last turns carry the topic and the question
+    config.data.context_buckets = (32, 64)
+    config.train.objective = "cringe"  # the iterations' objective
+    config.train.eval_every = 0
+    config.train.warmup_steps = 30
+    config.checkpoint.every_steps = 500
+    config.checkpoint.best_metric = ""  # every model is its run's last checkpoint
+    config.eval.split = "test"  # the table: every test-split context (the valid split validates)
+    config.eval.checkpoint = "latest"
+    config.eval.generate_examples = 100_000
+    config.eval.judge = "synthetic"
+    config.iterate.judge = "synthetic"
+    config.iterate.iterations = 3
+    config.iterate.contexts = 2000
+    config.iterate.steps = 300
+    config.baseline = config_dict.ConfigDict({"objective": "mle", "steps": 1500})
+    config.control = config_dict.ConfigDict({"enabled": True})
+    return config
