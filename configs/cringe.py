@@ -169,12 +169,14 @@ def get_config() -> config_dict.ConfigDict:
     config.judge = config_dict.ConfigDict(
         {
             "path": "",  # where the classifier is written / read ('' -> <workdir>/judge)
-            "d_model": 64,
+            # Sized for CPU (about 1 min of training on 2 cores); on the real release
+            # (~150k labelled messages) raise steps, max_len and the width.
+            "d_model": 32,
             "n_heads": 4,
-            "ffn_dim": 256,
+            "ffn_dim": 128,
             "n_layers": 2,
-            "max_len": 128,  # context tail + response tokens seen by the classifier
-            "steps": 400,
+            "max_len": 64,  # context tail + separator + response tokens seen by the classifier
+            "steps": 600,
             "batch_size": 64,
             "learning_rate": 1e-3,
             "weight_decay": 0.01,

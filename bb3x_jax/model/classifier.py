@@ -8,7 +8,10 @@ data a classifier trained on the release's feedback labels stands in for it
 The network: token embeddings plus learned positions plus a segment embedding
 (context / response), a few pre-LN transformer encoder layers (the encoder
 layer of ``transformer.py``), a final LayerNorm, masked mean pooling over the
-non-pad tokens, and a linear layer to one logit (> 0: good).
+separator and response tokens (``pool="response"``; the context enters through
+attention: pooling over all tokens let context features, e.g. a rude human
+turn, decide, and held-out agreement with the synthetic world's rule was
+lower), and a linear layer to one logit (> 0: good).
 
 The input row (``encode_pairs``): the tail of the context tokens (ParlAI
 framing: turns joined by the delimiter, left-truncated), the separator (the
@@ -50,6 +53,9 @@ class ClassifierConfig:
     n_layers: int = 2
     max_len: int = 128  # context tail + separator + response
     dropout: float = 0.1
+    # Mean pooling over the "response" tokens (separator + response; the context
+    # enters through attention) or over "all" non-pad tokens.
+    pool: str = "response"
     pad_id: int = 0
     sep_id: int = 2  # the tokenizer's end id
 
@@ -61,6 +67,7 @@ class ClassifierConfig:
             "n_layers": self.n_layers >= 1,
             "max_len": self.max_len >= 2,
             "dropout": 0.0 <= self.dropout < 1.0,
+            "pool": self.pool in ("response", "all"),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -124,7 +131,8 @@ class FeedbackClassifier(nnx.Module):
         for layer, layer_key in zip(self.layers, keys):
             x = layer(x, attn_mask, deterministic=deterministic, key=layer_key) * keep
         x = self.final_norm(x).astype(jnp.float32)
-        pooled = (x * keep).sum(1) / jnp.maximum(keep.sum(1), 1.0)
+        pool = keep if cfg.pool == "all" else (mask & (segment == 1))[..., None].astype(jnp.float32)
+        pooled = (x * pool).sum(1) / jnp.maximum(pool.sum(1), 1.0)
         return (pooled @ self.head[...] + self.head_bias[...])[:, 0]
 
 
@@ -147,7 +155,7 @@ def encode_pairs(contexts: Sequence[str | bytes], responses: Sequence[str | byte
     # Left-truncated contexts, as long as the longest room needs (exact per row after the cut).
     context_ids = tokenizer_lib.encode_contexts(list(contexts), tokenizer, max(max(room), 0))
     for i, (ctx, resp, k) in enumerate(zip(context_ids, responses_ids, room)):
-        row = (ctx[len(ctx) - k :] if k > 0 else []) + [tokenizer.end_id] + resp
+        row = (ctx[max(0, len(ctx) - k) :] if k > 0 else []) + [tokenizer.end_id] + resp
         out[i, max_len - len(row) :] = row
     return out
 

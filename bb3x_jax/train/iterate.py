@@ -48,11 +48,15 @@ from bb3x_jax.train import checkpoint as checkpoint_lib
 from bb3x_jax.train import eval_run, generation_eval
 from bb3x_jax.train import setup as setup_lib
 
+Judge = Callable[[list[str], list[str]], list[str]]  # (contexts, responses) -> verdicts
+
+
 def iteration_dir(workdir: str, iteration: int) -> str:
     return os.path.join(workdir, "iterations", str(iteration))
 
 
-def iteration_config(config: config_dict.ConfigDict, workdir: str, iteration: int, init_from: str) -> config_dict.ConfigDict:
+def iteration_config(config: config_dict.ConfigDict, workdir: str, iteration: int,
+                     init_from: str) -> config_dict.ConfigDict:
     """The training run of ``iteration``: ``config.train`` for ``iterate.steps`` steps from
     ``init_from``, on the train split plus generated splits 1..iteration, on the
     workdir's prepared data."""
@@ -98,8 +102,8 @@ def draw_contexts(records, count: int, seed: int, iteration: int) -> list[dict]:
     return records.__getitems__([int(i) for i in indices])
 
 
-def generate_split(config: config_dict.ConfigDict, workdir: str, iteration: int, checkpoint: str,
-                   judge: Callable[[list[str], list[str]], list[str]], reasons: Sequence[str], judge_name: str) -> dict[str, Any]:
+def generate_split(config: config_dict.ConfigDict, workdir: str, iteration: int, checkpoint: str, judge: Judge,
+                   reasons: Sequence[str], judge_name: str) -> dict[str, Any]:
     """Stage 1-3: generate with the model at ``checkpoint``, judge, balance, write the split."""
     from flax import nnx
 
@@ -129,8 +133,10 @@ def generate_split(config: config_dict.ConfigDict, workdir: str, iteration: int,
     ]
     balanced, counts = generated.balance(examples, seed=config.seed + iteration)
     meta = {
-        "iteration": iteration, "model": checkpoint, "judge": judge_name, "settings": dataclasses.asdict(settings),
-        "contexts": len(contexts), "balance": counts, "verdicts": generation_eval.judge_summary(verdicts, reasons),
+        "iteration": iteration, "model": checkpoint, "model_in_workdir": os.path.relpath(checkpoint, workdir),
+        "judge": judge_name, "settings": dataclasses.asdict(settings),
+        "contexts_requested": config.iterate.contexts, "contexts": len(contexts), "balance": counts,
+        "verdicts": generation_eval.judge_summary(verdicts, reasons),
         "generate_s": round(generated_s, 1),
     }
     path = os.path.join(iteration_dir(workdir, iteration), "generated")
@@ -140,6 +146,20 @@ def generate_split(config: config_dict.ConfigDict, workdir: str, iteration: int,
           f"judged good {100 * meta['verdicts']['good_rate']:.1f}%; kept {counts['positive_kept']} positive + "
           f"{counts['negative_kept']} negative -> {path}")
     return written
+
+
+def check_split_matches(meta: dict[str, Any], path: str, config: config_dict.ConfigDict, workdir: str,
+                        checkpoint: str, judge_name: str) -> None:
+    """A finished split is reused only if it was made the way this run would make it (the model
+    compared by its place in the workdir, so a moved workdir still resumes)."""
+    expected = {"model_in_workdir": os.path.relpath(checkpoint, workdir), "judge": judge_name,
+                "contexts_requested": config.iterate.contexts,
+                "settings": dataclasses.asdict(config_lib.generation_settings(config))}
+    different = [key for key, value in expected.items() if meta.get(key) != value]
+    if different:
+        raise config_lib.ConfigError(
+            "iterate", f"{path} was generated with other {', '.join(different)} than this run's "
+            f"({', '.join(f'{k}={meta.get(k)!r}' for k in different)}); move it away to generate it again")
 
 
 def evaluation(config: config_dict.ConfigDict, run_dir: str, checkpoints_dir: str | None = None) -> dict[str, Any]:
@@ -210,6 +230,7 @@ def run(config: config_dict.ConfigDict, workdir: str) -> list[dict[str, Any]]:
         if not os.path.exists(os.path.join(split_path, "meta.json")):
             generate_split(config, workdir, iteration, previous, judge, reasons, judge_name)
         split_meta = json.load(open(os.path.join(split_path, "meta.json")))
+        check_split_matches(split_meta, split_path, config, workdir, previous, judge_name)
         cfg = iteration_config(config, workdir, iteration, previous)
         if not os.path.exists(os.path.join(run_dir, "summary.json")):
             from bb3x_jax.train import loop

@@ -18,7 +18,7 @@ synthesizer's ``ground_truth.jsonl``) also the agreement with
 ``synthetic.judge`` (good vs not good) over ALL the split's bot responses,
 labelled or not.
 
-It writes ``<workdir>/judge/`` atomically (a temporary folder renamed into
+It writes ``<workdir>/judge/`` (or ``judge.path``) atomically (a temporary folder renamed into
 place, so a half-written judge is never loaded): ``params.npz`` (parameters by
 path), ``meta.json`` (classifier config, tokenizer path and fingerprint,
 training settings), ``report.json`` (the metrics) and ``tokenizer.model`` (a
@@ -243,7 +243,8 @@ def tokenizer_file(config: config_dict.ConfigDict, built) -> str:
     """The model file ``dataset.load_tokenizer`` reads: the configured one, or the one beside the prepared data."""
     tok = config.data.tokenizer
     if tok.path:
-        return os.path.abspath(os.path.expanduser(tok.path))
+        path = os.path.expanduser(tok.path)
+        return path if "://" in path else os.path.abspath(path)
     return os.path.abspath(os.path.join(str(built.data_dir),
                                         f"sentencepiece-v{tok.vocab_size}-n{tok.max_sentences}.model"))
 
@@ -383,7 +384,8 @@ def format_report(report: dict) -> str:
     t, e = report["train"], report["eval"]
     lines = [
         f"train: {t['labelled']} labelled ({t['positive']} good / {t['negative']} bad), "
-        f"{t['unlabeled_skipped']} unlabeled skipped; {t['steps']} steps in {t['seconds']:.1f} s, "
+        f"{t['unlabeled_skipped']} unlabeled skipped; {t['steps']} steps in {t['seconds']:.1f} s "
+        f"(+{t['data_seconds']:.1f} s reading and tokenizing), "
         f"final loss {t['final_loss']:.4f}",
         f"{e['split']} split, labelled messages ({e['labelled']['count']}: {e['labelled']['good']} good / "
         f"{e['labelled']['bad']} bad; {e['unlabeled']} unlabeled):",
@@ -432,7 +434,8 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
     del train
     print(f"classifier: {cfg.n_layers} layers, d_model {cfg.d_model}, max_len {cfg.max_len}; "
           f"{j.steps} steps of batch {j.batch_size}")
-    graphdef, params, rest, history = train_classifier(
+    data_seconds, started = time.perf_counter() - started, time.perf_counter()
+    _, params, _, history = train_classifier(
         cfg, ids, labels, steps=j.steps, batch_size=j.batch_size, learning_rate=j.learning_rate,
         weight_decay=j.weight_decay, seed=config.seed, log=print)
     train_seconds = time.perf_counter() - started
@@ -440,18 +443,18 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
 
     split = config.eval.split
     synthetic_release = is_synthetic_release(config)
+    synthetic_release = synthetic_release and config.data.stream.endswith("bot")  # the world judges bot messages
     held = read_split(dataset.source(built, split), keep_unlabeled=synthetic_release)
     labelled = held["feedback"] != schema.UNLABELED
-    logits = jax.jit(functools.partial(classifier_lib.logits_fn, graphdef))
-    probabilities = batched_probabilities(
-        lambda x: logits(params, rest, x), cfg, encode(held["contexts"], held["responses"], tokenizer, cfg.max_len),
-        PREDICT_BATCH)
-    predicted_good = probabilities > 0.5
+    # Judged exactly as a loaded judge judges (same encoding, batching and threshold).
+    judge = FeedbackJudge(cfg, params, tokenizer)
+    predicted_good = judge.probabilities(held["contexts"], held["responses"], batch_size=PREDICT_BATCH) > 0.5
     true_good = held["feedback"] == schema.POSITIVE
     report: dict[str, Any] = {
         "train": {"examples": counts["examples"], "labelled": counts["positive"] + counts["negative"],
                   "positive": counts["positive"], "negative": counts["negative"],
                   "unlabeled_skipped": counts["unlabeled"], "steps": j.steps, "seconds": train_seconds,
+                  "data_seconds": data_seconds,
                   "final_loss": history[-1]["loss"], "loss_history": history},
         "eval": {"split": split, "examples": held["counts"]["examples"], "unlabeled": held["counts"]["unlabeled"],
                  "labelled": binary_metrics(predicted_good[labelled], true_good[labelled], majority_good)},
@@ -462,16 +465,18 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
     meta = {
         "format": FORMAT,
         "classifier": cfg.to_dict(),
-        "tokenizer": {"path": tokenizer_file(config, built), "fingerprint": token_cache.tokenizer_fingerprint(tokenizer),
-                      "copy": TOKENIZER_COPY},
+        "tokenizer": {"path": tokenizer_file(config, built),
+                      "fingerprint": token_cache.tokenizer_fingerprint(tokenizer), "copy": TOKENIZER_COPY},
         "max_len": cfg.max_len, "steps": j.steps, "seed": config.seed, "batch_size": j.batch_size,
         "learning_rate": j.learning_rate, "weight_decay": j.weight_decay, "threshold": 0.5,
         "stream": config.data.stream, "dataset": built.builder_config.name, "data_dir": str(built.data_dir),
         "policy": config.data.policy.to_dict(),
     }
-    directory = os.path.join(workdir, JUDGE_DIR)
+    from bb3x_jax.train.eval_run import judge_path
+
+    directory = os.path.abspath(judge_path(config, workdir))  # judge.path, else <workdir>/judge
     write_judge(directory, params, meta, report, tokenizer)
     print(f"\nfeedback classifier -> {directory}")
     print(format_report(report))
-    print(json.dumps({"judge": directory, **{k: v for k, v in report.items()}}, default=str))
+    print(json.dumps({"judge": directory, **report}))
     return report

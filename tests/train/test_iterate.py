@@ -156,3 +156,14 @@ def test_interrupted_iteration_resumes_to_the_same_result(straight, base, tmp_pa
     for a, b in zip(ours, theirs):
         for key in ("good_rate", "reasons", "f1", "ppl_positive", "train_generated"):
             assert a.get(key) == b.get(key), key
+
+
+def test_a_finished_split_made_otherwise_is_not_reused(straight, tmp_path):
+    """Rerunning iterate with other generation settings than the finished split's stops with an
+    error naming what differs, instead of training on generations the config does not describe."""
+    import shutil
+
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(straight[0], workdir, symlinks=True)
+    out = run_main(workdir, *ITERATE_FLAGS, "--config.generation.beam_size=3", mode="iterate", check=False)
+    assert out.returncode != 0 and "generated with other settings" in out.stderr
