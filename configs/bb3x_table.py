@@ -32,6 +32,6 @@ def get_config() -> config_dict.ConfigDict:
     config.iterate.iterations = 3
     config.iterate.contexts = 2000
     config.iterate.steps = 300
-    config.baseline = config_dict.ConfigDict({"objective": "mle", "steps": 1500})
+    config.baseline = config_dict.ConfigDict({"objective": "mle", "steps": 4000})
     config.control = config_dict.ConfigDict({"enabled": True})
     return config

@@ -41,6 +41,7 @@ def test_table_has_table_9_columns_for_every_model():
     assert lines[3].startswith("| BB3x 1 | 75.0 | 0.0 | 0.0 | 25.0 |")
 
 
+@pytest.mark.slow  # five trainings and evaluations in subprocesses (2-3 min on 2 cores)
 def test_the_script_runs_every_stage_and_writes_table_chart_and_json(tmp_path):
     """A tiny end-to-end run: baseline, one CRINGE iteration and the control are trained and
     evaluated; the table, PNG and JSON are written, and the exit status reflects the goals."""

@@ -130,6 +130,7 @@ def test_a_missing_generated_split_names_the_key(base, tmp_path):
         dataset.batch_source(config, setup.built, setup.tokenizer, "train")
 
 
+@pytest.mark.slow  # a second whole iterate run (about 1.5 min on 2 cores)
 def test_interrupted_iteration_resumes_to_the_same_result(straight, base, tmp_path):
     """Killed (SIGKILL) in the middle of iteration 2's training and restarted: finished stages are
     kept, the run resumes from its checkpoint and ends with the uninterrupted run's parameters and
