@@ -154,8 +154,9 @@ def plot(rows: list[dict[str, Any]], path: str) -> str | None:
         return None
     import numpy as np
 
-    names = [r["name"].replace(" (baseline, ", "\n(").replace("BB3x CRINGE ", "CRINGE\n").replace(
-        "control: ", "control:\n") for r in rows]
+    import textwrap
+
+    names = [textwrap.fill(r["name"].replace("BB3x CRINGE ", "CRINGE "), 16) for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 3]})
     good = [100 * r["good_rate"] for r in rows]
     colors = ["#888888"] + ["#2b7bba"] * (len(rows) - 1)
