@@ -1,12 +1,12 @@
 """The BB3 -> BB3x experiment on CPU: ``python -m bb3x_jax.experiments.bb3x_table``.
 
 The main config (configs/cringe.py) with a model that can learn the synthetic
-world in minutes on two cores, and three extra sections read only by the
+world in minutes on two cores, and extra sections read only by the
 experiment: ``baseline`` (how the stand-in for BB3 is trained: likelihood on all
 bot responses), ``control`` (the baseline trained on with likelihood for as many
 steps as the iterations take, so the table shows what CRINGE adds beyond more
-training) and the ``iterate`` section of the main config for the CRINGE
-iterations.
+training) and ``sampled`` (every model also judged on sampled responses); the
+``iterate`` section of the main config sets the CRINGE iterations.
 """
 
 from ml_collections import config_dict
@@ -34,4 +34,5 @@ def get_config() -> config_dict.ConfigDict:
     config.iterate.steps = 300
     config.baseline = config_dict.ConfigDict({"objective": "mle", "steps": 4000})
     config.control = config_dict.ConfigDict({"enabled": True})
+    config.sampled = config_dict.ConfigDict({"enabled": True, "temperature": 1.0})
     return config

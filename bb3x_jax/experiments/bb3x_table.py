@@ -14,6 +14,9 @@ release, on CPU, with ``configs/bb3x_table.py``:
 3. **control** (``control.enabled``): the baseline trained on by likelihood for
    as many steps as all iterations together, so the table separates what
    CRINGE adds from what more training adds;
+4. **sampled evaluation** (``sampled.enabled``): every model also judged on
+   sampled responses (temperature ``sampled.temperature``), which show the
+   learned distribution where beam search shows only its mode;
 
 and writes ``bb3x_table.md`` (the paper's Table 9 layout: the good-response
 rate and every bad reason per model, judged by the world's ground truth on
@@ -94,6 +97,8 @@ def run_experiment(config: config_dict.ConfigDict, workdir: str) -> dict[str, An
         row = iterate.result_row(0, iterate.latest_checkpoint(control_dir), evaluation, None)
         table_rows.append(dict(row, iteration=None,
                                name=f"control: baseline + {cfg.train.steps} more {cfg.train.objective} steps"))
+    if config.sampled.enabled:
+        _timed(timings, "sampled_eval", add_sampled_evaluations, config, workdir, table_rows)
     goals = check_goals(rows)
     result = {
         "rows": table_rows, "goals": goals, "timings_s": timings,
@@ -111,6 +116,40 @@ def run_experiment(config: config_dict.ConfigDict, workdir: str) -> dict[str, An
         print(line)
     print(json.dumps({k: result[k] for k in ("goals", "timings_s", "wall_s")}))
     return result
+
+
+def sampled_config(config: config_dict.ConfigDict, workdir: str, checkpoint: str) -> config_dict.ConfigDict:
+    """Ancestral sampling (temperature ``sampled.temperature``, no filtering or blocking) of ``checkpoint``."""
+    cfg = copy.deepcopy(config)
+    with cfg.unlocked():
+        cfg.data.dir = dataset.data_root(config.data, workdir)
+        cfg.eval.checkpoint = os.path.basename(checkpoint)
+        cfg.eval.batches = 1  # the likelihood metrics are the beam evaluation's; this one is about samples
+        cfg.generation.update(method="sample", beam_size=1, block_ngram=0, context_block_ngram=0, top_k=0,
+                              top_p=1.0, temperature=config.sampled.temperature)
+    return config_lib.validate(cfg)
+
+
+def add_sampled_evaluations(config: config_dict.ConfigDict, workdir: str, rows: list[dict[str, Any]]) -> None:
+    """Adds ``sampled`` (good rate and reasons of sampled responses) to every row.
+
+    Beam search shows a model's most likely response; sampling shows the
+    distribution it learned, e.g. the bad share a likelihood-trained model
+    imitates even where its mode is good. Written to ``<model's run>/sampled/``.
+    """
+    from bb3x_jax.train import iterate
+
+    for row in rows:
+        checkpoint = row["model"]
+        run_dir = os.path.dirname(os.path.dirname(checkpoint))
+        if os.path.abspath(run_dir) == os.path.abspath(workdir):  # the baseline: beside its other evaluation
+            run_dir = iterate.iteration_dir(workdir, 0)
+        out = os.path.join(run_dir, "sampled")
+        os.makedirs(out, exist_ok=True)
+        evaluation = iterate.evaluation(sampled_config(config, workdir, checkpoint), out,
+                                        checkpoints_dir=os.path.dirname(checkpoint))
+        gen = evaluation["generation"]
+        row["sampled"] = {"good_rate": gen["good_rate"], "reasons": gen["reasons"], "examples": gen["examples"]}
 
 
 def check_goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -131,19 +170,26 @@ REASON_ORDER = ("inappropriate", "nonsensical", "off_topic", "ignoring_last_turn
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Table 9's layout: one row per model, good % then each bad reason's %."""
+    """Table 9's layout: one row per model, good % then each bad reason's % (beam search), F1, and
+    with sampled evaluations the sampled good % and nonsensical %."""
+    sampled = all("sampled" in row for row in rows)
     head = ["Model", "Good %"] + [r.replace("_", " ") + " %" for r in REASON_ORDER] + ["F1"]
+    head += ["sampled: good %", "sampled: nonsensical %"] if sampled else []
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for row in rows:
         cells = [row["name"], f"{100 * row['good_rate']:.1f}"]
         cells += [f"{100 * row['reasons'].get(r, 0.0):.1f}" for r in REASON_ORDER]
         cells.append(f"{row['f1']:.3f}")
+        if sampled:
+            cells += [f"{100 * row['sampled']['good_rate']:.1f}",
+                      f"{100 * row['sampled']['reasons'].get('nonsensical', 0.0):.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> str | None:
-    """Bars: good % per model (left), each bad reason's % per model (right)."""
+    """Bars: good % per model, beam search and sampled (left); each bad reason's % per model under
+    beam search (right)."""
     try:
         import matplotlib
 
@@ -162,9 +208,17 @@ def plot(rows: list[dict[str, Any]], path: str) -> str | None:
     colors = ["#888888"] + ["#2b7bba"] * (len(rows) - 1)
     if rows[-1].get("iteration") is None:  # the control
         colors[-1] = "#d08c2a"
-    bars = left.bar(range(len(rows)), good, color=colors)
-    left.bar_label(bars, fmt="%.1f")
-    left.set_xticks(range(len(rows)), names, fontsize=7)
+    positions = np.arange(len(rows), dtype=float)
+    sampled = all("sampled" in row for row in rows)
+    offset = 0.2 if sampled else 0.0
+    bars = left.bar(positions - offset, good, 0.4 if sampled else 0.8, color=colors, label="beam search (BB3)")
+    left.bar_label(bars, fmt="%.1f", fontsize=7)
+    if sampled:
+        bars = left.bar(positions + offset, [100 * r["sampled"]["good_rate"] for r in rows], 0.4, color=colors,
+                        alpha=0.45, hatch="//", label="sampled (temperature 1)")
+        left.bar_label(bars, fmt="%.1f", fontsize=7)
+        left.legend(fontsize=7, loc="lower right")
+    left.set_xticks(positions, names, fontsize=7)
     left.set_ylabel("good responses (%)")
     left.set_ylim(0, 100)
     left.set_title("judged good (synthetic world's ground truth)")
@@ -175,7 +229,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> str | None:
                   label=name.replace("\n", " "), color=colors[i] if i == 0 or row.get("iteration") is None else None)
     right.set_xticks(x + width * (len(rows) - 1) / 2, [r.replace("_", " ") for r in REASON_ORDER])
     right.set_ylabel("share of responses (%)")
-    right.set_title("bad responses by reason")
+    right.set_title("bad responses by reason (beam search)")
     right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -187,7 +241,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = config_lib.validate(_CONFIG.value)
-    for section in ("baseline", "control"):
+    for section in ("baseline", "control", "sampled"):
         if section not in config:
             raise config_lib.ConfigError(section, "missing: use configs/bb3x_table.py or a config built on it")
     import tensorflow_datasets as tfds

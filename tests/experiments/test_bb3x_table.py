@@ -44,7 +44,8 @@ def test_table_has_table_9_columns_for_every_model():
 @pytest.mark.slow  # five trainings and evaluations in subprocesses (2-3 min on 2 cores)
 def test_the_script_runs_every_stage_and_writes_table_chart_and_json(tmp_path):
     """A tiny end-to-end run: baseline, one CRINGE iteration and the control are trained and
-    evaluated; the table, PNG and JSON are written, and the exit status reflects the goals."""
+    evaluated with beam search and with sampling; the table, PNG and JSON are written, and the exit
+    status reflects the goals."""
     workdir = str(tmp_path / "exp")
     flags = [
         "--config.model.preset=tiny", "--config.data.synthetic.conversations=300",
@@ -68,5 +69,10 @@ def test_the_script_runs_every_stage_and_writes_table_chart_and_json(tmp_path):
     assert open(os.path.join(workdir, "bb3x_table.md")).read().startswith("| Model | Good % |")
     with open(os.path.join(workdir, "bb3x_table.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert set(result["timings_s"]) >= {"baseline_train", "iterations", "control_train"}
+    assert set(result["timings_s"]) >= {"baseline_train", "iterations", "control_train", "sampled_eval"}
+    sampled = json.load(open(os.path.join(workdir, "iterations", "1", "sampled", "eval_test.json")))["generation"]
+    assert sampled["settings"]["method"] == "sample" and sampled["settings"]["block_ngram"] == 0
+    assert result["rows"][1]["sampled"]["good_rate"] == sampled["good_rate"]
+    assert all("sampled" in row for row in result["rows"])
+    assert "sampled: good %" in open(os.path.join(workdir, "bb3x_table.md")).readline()
     assert "goal: better at every iteration" in out.stdout
