@@ -78,12 +78,26 @@ def tokenizer_texts(source, limit: int, block: int = 1024):
             yield context[context.rfind(b"\n") + 1 :] if isinstance(context, bytes) else context.rsplit("\n", 1)[-1]
 
 
+def is_synthetic_release(data: config_dict.ConfigDict) -> bool:
+    """The synthetic world's release: synthesized into the data root, or a folder the synthesizer wrote."""
+    return not data.manual_dir or os.path.isfile(
+        os.path.join(os.path.expanduser(data.manual_dir), synthetic.GROUND_TRUTH_FILE))
+
+
+def tokenizer_path(config: config_dict.ConfigDict, built: builder_lib.Bb3xDeployment) -> str:
+    """The sentencepiece model file: the configured one, or the one trained beside the prepared data."""
+    tok = config.data.tokenizer
+    if tok.path:
+        return os.path.expanduser(tok.path)
+    return os.path.join(str(built.data_dir), f"sentencepiece-v{tok.vocab_size}-n{tok.max_sentences}.model")
+
+
 def load_tokenizer(config: config_dict.ConfigDict, built: builder_lib.Bb3xDeployment):
     """The configured sentencepiece model, or one trained once on the train split."""
     tok = config.data.tokenizer
+    path = tokenizer_path(config, built)
     if tok.path:
-        return tokenizer_lib.SentencePieceTokenizer.load(os.path.expanduser(tok.path))
-    path = os.path.join(str(built.data_dir), f"sentencepiece-v{tok.vocab_size}-n{tok.max_sentences}.model")
+        return tokenizer_lib.SentencePieceTokenizer.load(path)
     if os.path.exists(path):
         return tokenizer_lib.SentencePieceTokenizer.load(path)
     logging.info("Training a %d-piece sentencepiece model on the train split -> %s", tok.vocab_size, path)

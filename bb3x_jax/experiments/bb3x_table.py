@@ -27,7 +27,6 @@ previous (interrupted) run finished, so running it again continues.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
@@ -38,7 +37,7 @@ from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
 from bb3x_jax import config as config_lib
-from bb3x_jax.data import dataset
+from bb3x_jax.train import iterate, loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bb3x_table.py", "Experiment configuration.",
                                           lock_config=True)
@@ -48,24 +47,16 @@ GOAL_POINTS = 5.0  # iteration N must be this many points above the baseline
 GOALS_MISSED_STATUS = 3  # exit status when the run finished but missed a goal (a crash exits 1)
 
 
-def baseline_config(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
-    cfg = copy.deepcopy(config)
-    with cfg.unlocked():
-        cfg.train.objective = config.baseline.objective
-        cfg.train.steps = config.baseline.steps
-        cfg.train.warmup_steps = min(config.train.warmup_steps, cfg.train.steps)
-    return config_lib.validate(cfg)
+def baseline_config(config: config_dict.ConfigDict, workdir: str) -> config_dict.ConfigDict:
+    return iterate.derived_config(config, workdir, {"train.objective": config.baseline.objective,
+                                                    "train.steps": config.baseline.steps})
 
 
 def control_config(config: config_dict.ConfigDict, workdir: str, start: str) -> config_dict.ConfigDict:
-    cfg = copy.deepcopy(config)
-    with cfg.unlocked():
-        cfg.train.objective = config.baseline.objective
-        cfg.train.steps = config.iterate.steps * config.iterate.iterations
-        cfg.train.warmup_steps = min(config.train.warmup_steps, cfg.train.steps)
-        cfg.train.init_from = start
-        cfg.data.dir = dataset.data_root(config.data, workdir)
-    return config_lib.validate(cfg)
+    return iterate.derived_config(config, workdir, {
+        "train.objective": config.baseline.objective, "train.init_from": start,
+        "train.steps": config.iterate.steps * config.iterate.iterations,
+    })
 
 
 def _timed(timings: dict[str, float], name: str, fn, *args, **kwargs):
@@ -76,12 +67,10 @@ def _timed(timings: dict[str, float], name: str, fn, *args, **kwargs):
 
 
 def run_experiment(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
-    from bb3x_jax.train import iterate, loop
-
     os.makedirs(workdir, exist_ok=True)
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    base = baseline_config(config)
+    base = baseline_config(config, workdir)
     if not os.path.exists(os.path.join(workdir, "summary.json")):
         _timed(timings, "baseline_train", loop.run, base, workdir)
     rows = _timed(timings, "iterations", iterate.run, config, workdir)
@@ -120,14 +109,13 @@ def run_experiment(config: config_dict.ConfigDict, workdir: str) -> dict[str, An
 
 def sampled_config(config: config_dict.ConfigDict, workdir: str, checkpoint: str) -> config_dict.ConfigDict:
     """Ancestral sampling (temperature ``sampled.temperature``, no filtering or blocking) of ``checkpoint``."""
-    cfg = copy.deepcopy(config)
-    with cfg.unlocked():
-        cfg.data.dir = dataset.data_root(config.data, workdir)
-        cfg.eval.checkpoint = os.path.basename(checkpoint)
-        cfg.eval.batches = 1  # the likelihood metrics are the beam evaluation's; this one is about samples
-        cfg.generation.update(method="sample", beam_size=1, block_ngram=0, context_block_ngram=0, top_k=0,
-                              top_p=1.0, temperature=config.sampled.temperature)
-    return config_lib.validate(cfg)
+    return iterate.derived_config(config, workdir, {
+        "eval.checkpoint": os.path.basename(checkpoint),
+        "eval.batches": 1,  # the likelihood metrics are the beam evaluation's; this one is about samples
+        "generation.method": "sample", "generation.beam_size": 1, "generation.block_ngram": 0,
+        "generation.context_block_ngram": 0, "generation.top_k": 0, "generation.top_p": 1.0,
+        "generation.temperature": config.sampled.temperature,
+    })
 
 
 def add_sampled_evaluations(config: config_dict.ConfigDict, workdir: str, rows: list[dict[str, Any]]) -> None:
@@ -137,8 +125,6 @@ def add_sampled_evaluations(config: config_dict.ConfigDict, workdir: str, rows: 
     distribution it learned, e.g. the bad share a likelihood-trained model
     imitates even where its mode is good. Written to ``<model's run>/sampled/``.
     """
-    from bb3x_jax.train import iterate
-
     for row in rows:
         checkpoint = row["model"]
         run_dir = os.path.dirname(os.path.dirname(checkpoint))

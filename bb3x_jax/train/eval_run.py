@@ -58,7 +58,7 @@ def make_judge(config: config_dict.ConfigDict, workdir: str, which: str | None =
     """
     which = config.eval.judge if which is None else which
     if which == "auto":
-        if not config.data.manual_dir:
+        if dataset.is_synthetic_release(config.data):
             which = "synthetic"
         else:
             which = "classifier" if os.path.exists(os.path.join(judge_path(config, workdir), "meta.json")) else "none"

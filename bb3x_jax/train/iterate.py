@@ -45,7 +45,7 @@ from bb3x_jax import config as config_lib
 from bb3x_jax.data import dataset, generated, schema
 from bb3x_jax.data.tokenizer import _as_text
 from bb3x_jax.train import checkpoint as checkpoint_lib
-from bb3x_jax.train import eval_run, generation_eval
+from bb3x_jax.train import eval_run, generation_eval, loop
 from bb3x_jax.train import setup as setup_lib
 
 Judge = Callable[[list[str], list[str]], list[str]]  # (contexts, responses) -> verdicts
@@ -55,23 +55,34 @@ def iteration_dir(workdir: str, iteration: int) -> str:
     return os.path.join(workdir, "iterations", str(iteration))
 
 
+def derived_config(config: config_dict.ConfigDict, workdir: str, changes: dict[str, Any]) -> config_dict.ConfigDict:
+    """``config`` with ``changes`` (dotted keys), reading ``workdir``'s prepared data and judge, validated.
+
+    Every run this mode (and the experiment) starts inside the workdir shares
+    the workdir's release and feedback classifier instead of preparing its own.
+    A shortened run keeps its warmup within its steps.
+    """
+    cfg = copy.deepcopy(config)
+    with cfg.unlocked():
+        cfg.data.dir = dataset.data_root(config.data, workdir)
+        cfg.judge.path = eval_run.judge_path(config, workdir)
+        cfg.update_from_flattened_dict(changes)
+        cfg.train.warmup_steps = min(cfg.train.warmup_steps, cfg.train.steps)
+    return config_lib.validate(cfg)
+
+
 def iteration_config(config: config_dict.ConfigDict, workdir: str, iteration: int,
                      init_from: str) -> config_dict.ConfigDict:
     """The training run of ``iteration``: ``config.train`` for ``iterate.steps`` steps from
-    ``init_from``, on the train split plus generated splits 1..iteration, on the
-    workdir's prepared data."""
-    cfg = copy.deepcopy(config)
-    with cfg.unlocked():
-        cfg.seed = config.seed + iteration
-        cfg.train.steps = config.iterate.steps
-        cfg.train.warmup_steps = min(config.train.warmup_steps, config.iterate.steps)
-        cfg.train.init_from = init_from
-        cfg.data.dir = dataset.data_root(config.data, workdir)
-        splits = [os.path.join(iteration_dir(workdir, i), "generated") for i in range(1, iteration + 1)]
-        cfg.data.extra_train = tuple(p for p in splits for _ in range(config.iterate.generated_repeat))
-        cfg.eval.checkpoint = "latest"  # the model the next iteration continues from
-        cfg.judge.path = eval_run.judge_path(config, workdir)  # the workdir's judge, not the iteration's
-    return config_lib.validate(cfg)
+    ``init_from``, on the train split plus generated splits 1..iteration."""
+    splits = [os.path.join(iteration_dir(workdir, i), "generated") for i in range(1, iteration + 1)]
+    return derived_config(config, workdir, {
+        "seed": config.seed + iteration,
+        "train.steps": config.iterate.steps,
+        "train.init_from": init_from,
+        "data.extra_train": tuple(p for p in splits for _ in range(config.iterate.generated_repeat)),
+        "eval.checkpoint": "latest",  # the model the next iteration continues from
+    })
 
 
 def starting_checkpoint(config: config_dict.ConfigDict, workdir: str) -> str:
@@ -108,10 +119,7 @@ def generate_split(config: config_dict.ConfigDict, workdir: str, iteration: int,
     from flax import nnx
 
     started = time.perf_counter()
-    cfg = copy.deepcopy(config)
-    with cfg.unlocked():
-        cfg.data.dir = dataset.data_root(config.data, workdir)
-        cfg.train.init_from = ""
+    cfg = derived_config(config, workdir, {"train.init_from": ""})  # the weights come from `checkpoint`
     setup = setup_lib.Setup(cfg, workdir, with_optimizer=False)
     directory, step = os.path.dirname(checkpoint), int(os.path.basename(checkpoint))
     params, _ = checkpoint_lib.read_params(directory, checkpoint_lib.abstract(setup.params), step)
@@ -174,11 +182,7 @@ def _baseline_evaluation(config: config_dict.ConfigDict, workdir: str, checkpoin
     """Iteration 0's evaluation, written to iterations/0 (the workdir's own eval files stay as they are)."""
     run_dir = iteration_dir(workdir, 0)
     os.makedirs(run_dir, exist_ok=True)
-    cfg = copy.deepcopy(config)
-    with cfg.unlocked():
-        cfg.data.dir = dataset.data_root(config.data, workdir)
-        cfg.eval.checkpoint = os.path.basename(checkpoint)
-        cfg.judge.path = eval_run.judge_path(config, workdir)
+    cfg = derived_config(config, workdir, {"eval.checkpoint": os.path.basename(checkpoint)})
     return evaluation(cfg, run_dir, checkpoints_dir=os.path.dirname(checkpoint))
 
 
@@ -214,7 +218,8 @@ def format_results(rows: Sequence[dict[str, Any]]) -> str:
 
 def run(config: config_dict.ConfigDict, workdir: str) -> list[dict[str, Any]]:
     if jax.process_count() > 1:
-        raise NotImplementedError("--mode=iterate runs in one process (its generation is not multi-host yet)")
+        raise config_lib.ConfigError("distributed", "--mode=iterate runs in one process: its generation and "
+                                     "judging are single-host (train the baseline on many hosts, iterate on one)")
     if not config.eval.generate_examples:
         raise config_lib.ConfigError("eval.generate_examples", "--mode=iterate evaluates generations: must be > 0")
     judge, reasons, judge_name = eval_run.make_judge(config, workdir, config.iterate.judge)
@@ -233,14 +238,11 @@ def run(config: config_dict.ConfigDict, workdir: str) -> list[dict[str, Any]]:
         check_split_matches(split_meta, split_path, config, workdir, previous, judge_name)
         cfg = iteration_config(config, workdir, iteration, previous)
         if not os.path.exists(os.path.join(run_dir, "summary.json")):
-            from bb3x_jax.train import loop
-
             logging.info("iteration %d: training %d steps from %s", iteration, cfg.train.steps, previous)
             loop.run(cfg, run_dir)
         previous = latest_checkpoint(run_dir)
         rows.append(result_row(iteration, previous, evaluation(cfg, run_dir), split_meta))
-        _write_results(workdir, rows, judge_name)
-    _write_results(workdir, rows, judge_name)
+        _write_results(workdir, rows, judge_name)  # after every iteration: progress is readable while it runs
     print(format_results(rows))
     return rows
 

@@ -200,14 +200,6 @@ def binary_metrics(predicted_good: np.ndarray, true_good: np.ndarray, majority_g
     }
 
 
-def is_synthetic_release(config: config_dict.ConfigDict) -> bool:
-    """The synthetic world's release: synthesized into the workdir, or a folder the synthesizer wrote."""
-    from bb3x_jax.data import synthetic
-
-    manual = config.data.manual_dir
-    return not manual or os.path.isfile(os.path.join(os.path.expanduser(manual), synthetic.GROUND_TRUTH_FILE))
-
-
 def ground_truth_agreement(contexts: Sequence[str], responses: Sequence[str], predicted_good: np.ndarray,
                            feedback: np.ndarray, majority_good: bool) -> dict[str, Any]:
     """The classifier against ``synthetic.judge`` (good vs any bad reason) on every response given,
@@ -237,16 +229,6 @@ def ground_truth_agreement(contexts: Sequence[str], responses: Sequence[str], pr
 # --- the judge on disk ---------------------------------------------------------------------------
 class JudgeLoadError(ValueError):
     """A judge directory that exists but cannot be used (corrupt, incomplete, mismatched)."""
-
-
-def tokenizer_file(config: config_dict.ConfigDict, built) -> str:
-    """The model file ``dataset.load_tokenizer`` reads: the configured one, or the one beside the prepared data."""
-    tok = config.data.tokenizer
-    if tok.path:
-        path = os.path.expanduser(tok.path)
-        return path if "://" in path else os.path.abspath(path)
-    return os.path.abspath(os.path.join(str(built.data_dir),
-                                        f"sentencepiece-v{tok.vocab_size}-n{tok.max_sentences}.model"))
 
 
 def write_judge(directory: str, params, meta: dict, report: dict, tokenizer) -> None:
@@ -442,7 +424,7 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
     majority_good = int(labels.sum()) * 2 >= len(labels)
 
     split = config.eval.split
-    synthetic_release = is_synthetic_release(config)
+    synthetic_release = dataset.is_synthetic_release(config.data)
     synthetic_release = synthetic_release and config.data.stream.endswith("bot")  # the world judges bot messages
     held = read_split(dataset.source(built, split), keep_unlabeled=synthetic_release)
     labelled = held["feedback"] != schema.UNLABELED
@@ -465,7 +447,7 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
     meta = {
         "format": FORMAT,
         "classifier": cfg.to_dict(),
-        "tokenizer": {"path": tokenizer_file(config, built),
+        "tokenizer": {"path": os.path.abspath(dataset.tokenizer_path(config, built)),
                       "fingerprint": token_cache.tokenizer_fingerprint(tokenizer), "copy": TOKENIZER_COPY},
         "max_len": cfg.max_len, "steps": j.steps, "seed": config.seed, "batch_size": j.batch_size,
         "learning_rate": j.learning_rate, "weight_decay": j.weight_decay, "threshold": 0.5,
