@@ -68,6 +68,17 @@ The noise model (what the release records about that truth)
   users). Each message's ground truth is the judge's verdict on its text, and
   generation resamples until the verdict is the intended quality, so the
   sidecar ``ground_truth.jsonl`` always equals :func:`judge`.
+* The bot has three *quirks*, systematic failures tied to a context type, as
+  real deployed models have: it dodges number questions ("How many/long/often
+  ...?") with "I have been learning a lot about <topic> lately.", answers why
+  questions with "That is so interesting, tell me more about your day." (both
+  ignoring_last_turn), and while the human talks about science it drifts to
+  "What got you interested in astronomy?" (off_topic). It does so in half of
+  those turns and otherwise behaves as everywhere else; the other bad
+  responses are spread over many texts. So a model trained by likelihood on
+  the bot's messages makes each quirk its most likely response in its context
+  type (beam search returns it), and only feedback can teach it otherwise:
+  the situation the BB3x experiment needs.
 * About 30% of users are adversarial: some of their messages contain rude
   words. Two imperfect classifiers (``duo_safety``, ``string_matcher``) flag
   most of them (the string matcher misses the made-up words) and, very
@@ -650,11 +661,20 @@ def is_good(context: str, response: str) -> bool:
 # ----------------------------------------------------------------------------
 # The generator.
 # ----------------------------------------------------------------------------
-_P_GOOD_MODEL = {False: 0.851, True: 0.703}  # model-written good share (canned add a little)
+_P_GOOD_MODEL = {False: 0.929, True: 0.765}  # outside quirks; with quirks and canned: ~85.5% / ~77%
 _REASON_WEIGHTS = {
     False: ((OFF_TOPIC, 0.27), (NONSENSICAL, 0.30), (IGNORING, 0.20), (REPEATING, 0.14), (INAPPROPRIATE, 0.09)),
     True: ((OFF_TOPIC, 0.24), (NONSENSICAL, 0.26), (IGNORING, 0.17), (REPEATING, 0.13), (INAPPROPRIATE, 0.20)),
 }
+# The deployed bot's quirks: two context types where it fails the same way,
+# with one fixed text, in _QUIRK_RATE of its (model-written) turns. A model
+# trained by likelihood on its messages makes that text its *mode* there, so
+# beam search returns it; only feedback on it can teach the model otherwise.
+_QUIRK_RATE = 0.5
+_DODGE_TEMPLATE = "I have been learning a lot about {TN} lately."  # after "How many/long/often ...?"
+_PET_TRIGGER, _PET_TOPIC = TOPIC_NAMES.index("science"), TOPIC_NAMES.index("astronomy")
+_PET_TEMPLATE = "What got you interested in {TN}?"  # the bot drifts from science to astronomy
+_SMALL_TALK = "That is so interesting, tell me more about your day."  # after "Why ...?"
 _ODD_CHARS = ("\r", "\u2028", "\u0085")
 _MTURK_KEYS = (schema.MTURK_GOOD,) + tuple(schema.MTURK_BAD)
 _DOC_SITES = ("www.example.com/wiki", "www.example.org/articles", "blog.example.net/posts", "guides.example.com")
@@ -813,6 +833,22 @@ class _World:
             return rng.choice(_BOT_RUDE)
         return self.good(cur, kind) + " " + rng.choice(_BOT_RUDE_TAILS)
 
+    def quirk(self, cur: frozenset, kind: str | None) -> str | None:
+        """The bot's fixed failure for this context type, or None when it has
+        none here: a dodge of number questions, small talk after why questions
+        (both ignoring_last_turn) and a drift from science to astronomy
+        (off_topic, or ignoring_last_turn when the human talked about astronomy
+        before)."""
+        if not cur:
+            return None
+        if kind == "number":
+            return self.fill(_DODGE_TEMPLATE, min(cur))
+        if kind == "why":
+            return _SMALL_TALK
+        if _PET_TRIGGER in cur and _PET_TOPIC not in cur:
+            return self.fill(_PET_TEMPLATE, _PET_TOPIC)
+        return None
+
     # --- one conversation -----------------------------------------------------
     def conversation(self, user: list, stats: dict, gt_lines: list, chat_id: str) -> dict:
         rng = self.rng
@@ -931,11 +967,15 @@ class _World:
                     earlier.update(h[2])
                 earlier.difference_update(cur)
                 kind = humans[-1][3] if humans else None
-                if rng.random() < p_good:
-                    intended = GOOD
+                quirk = self.quirk(cur, kind)
+                if quirk is not None and rng.random() < _QUIRK_RATE:
+                    text = quirk
+                    analysis = _analyze_text(text, False)
+                    quality = _verdict(analysis, humans, bot_norms)
+                    stats["quirks"] += 1
                 else:
-                    intended = rng.choices(reasons, weights)[0]
-                text, quality, analysis = self.bot_text(intended, cur, earlier, kind, repeatable, humans, bot_norms)
+                    intended = GOOD if rng.random() < p_good else rng.choices(reasons, weights)[0]
+                    text, quality, analysis = self.bot_text(intended, cur, earlier, kind, repeatable, humans, bot_norms)
                 if quality in (GOOD, OFF_TOPIC, IGNORING):  # loops repeat fluent lines
                     repeatable.append(text)
             text = self.odd(text)
@@ -1157,6 +1197,7 @@ def synthesize(out_dir, conversations: int, seed: int) -> dict:
         "likes": 0,
         "dislikes": 0,
         "canned_responses": 0,
+        "quirks": 0,
         "mturk_annotated_bot": 0,
         "mturk_annotated_human": 0,
         "quality": {q: 0 for q in QUALITIES},
@@ -1208,5 +1249,6 @@ def synthesize(out_dir, conversations: int, seed: int) -> dict:
         "mturk_annotated_bot": stats["mturk_annotated_bot"],
         "mturk_annotated_human": stats["mturk_annotated_human"],
         "canned_responses": stats["canned_responses"],
+        "quirk_responses": stats["quirks"],
         "resampled": world.resampled,
     }

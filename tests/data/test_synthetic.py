@@ -363,6 +363,60 @@ def test_dislike_feedback_follows_a_dislike(release):
     assert n > 10
 
 
+def _context_type(history, k):
+    """'number' after a "How many/long/often ...?" human line, 'why' after a
+    "Why ...?" one, 'science' while the human's current topic is science (and
+    not astronomy), else None."""
+    humans = [m["text"] for m in history[:k] if m["sender"] == schema.HUMAN]
+    last = humans[-1].lower() if humans else ""
+    if re.search(r"(^|[.!] )how (many|long|often)\b", last):
+        return "number"
+    if re.search(r"(^|[.!] )why\b", last):
+        return "why"
+    for text in reversed(humans):
+        words = set(re.findall(r"[a-z]+", text.lower()))
+        topics = {t for t in synthetic.TOPIC_NAMES if words & _TOPIC_WORDS[t]}
+        if topics:
+            return "science" if "science" in topics and "astronomy" not in topics else None
+    return None
+
+
+_TOPIC_WORDS = {
+    t: {t, *synthetic._NOUNS[i], *synthetic._GERUNDS[i]} for i, t in enumerate(synthetic.TOPIC_NAMES)
+}
+
+
+def test_the_bots_quirks_are_its_mode_in_their_context_type(release):
+    """After number and why questions and while the topic is science, the deployed bot's
+    most frequent response is one fixed bad text, but most responses elsewhere are distinct:
+    likelihood training then makes the failure the model's mode there (the BB3x experiment
+    needs such systematic failures for feedback to matter)."""
+    expected_top = {
+        "number": "i have been learning a lot about <topic> lately",
+        "why": "that is so interesting tell me more about your day",
+        "science": "what got you interested in astronomy",
+    }
+    by_type = {kind: collections.Counter() for kind in expected_top}
+    verdicts = {kind: collections.Counter() for kind in expected_top}
+    for c, k, m, g in _bot_messages_with_quality(release):
+        kind = _context_type(c["message_history"], k)
+        if kind and not (m["isSafetyControlledResponse"] or m["from_model_crash"]):
+            words = re.findall(r"[a-z]+", m["text"].lower())
+            if kind == "number":  # the dodge names the human's topic: count it as one text
+                words = ["<topic>" if w in synthetic.TOPIC_NAMES else w for w in words]
+            by_type[kind][" ".join(words)] += 1
+            verdicts[kind][g["quality"]] += 1
+    for kind, counts in by_type.items():
+        total = sum(counts.values())
+        (top, n_top), (_, n_second) = counts.most_common(2)
+        assert total > 150, kind
+        assert top == expected_top[kind], (kind, counts.most_common(3))
+        assert n_top > 5 * n_second, (kind, counts.most_common(3))
+        bad = total - verdicts[kind]["good"]
+        assert bad / total > 0.45, (kind, verdicts[kind])
+    assert release["summary"]["quirk_responses"] > 0.03 * release["summary"]["bot_messages"]
+
+
 def test_vocabulary_is_modest_but_responses_vary(release):
     """A few thousand words at most, yet bot texts are mostly distinct strings."""
     words = set()
