@@ -666,7 +666,7 @@ _REASON_WEIGHTS = {
     False: ((OFF_TOPIC, 0.27), (NONSENSICAL, 0.30), (IGNORING, 0.20), (REPEATING, 0.14), (INAPPROPRIATE, 0.09)),
     True: ((OFF_TOPIC, 0.24), (NONSENSICAL, 0.26), (IGNORING, 0.17), (REPEATING, 0.13), (INAPPROPRIATE, 0.20)),
 }
-# The deployed bot's quirks: two context types where it fails the same way,
+# The deployed bot's quirks: three context types where it fails the same way,
 # with one fixed text, in _QUIRK_RATE of its (model-written) turns. A model
 # trained by likelihood on its messages makes that text its *mode* there, so
 # beam search returns it; only feedback on it can teach the model otherwise.
