@@ -96,9 +96,7 @@ def load_tokenizer(config: config_dict.ConfigDict, built: builder_lib.Bb3xDeploy
     """The configured sentencepiece model, or one trained once on the train split."""
     tok = config.data.tokenizer
     path = tokenizer_path(config, built)
-    if tok.path:
-        return tokenizer_lib.SentencePieceTokenizer.load(path)
-    if os.path.exists(path):
+    if tok.path or os.path.exists(path):  # a configured model must exist; a trained one is reused
         return tokenizer_lib.SentencePieceTokenizer.load(path)
     logging.info("Training a %d-piece sentencepiece model on the train split -> %s", tok.vocab_size, path)
     source = records.TrainingRecords.of(built, "train")

@@ -635,6 +635,12 @@ def _verdict(response: tuple, humans: Sequence[tuple], bot_norms: Sequence[str])
     return GOOD
 
 
+def _judged(text: str, humans: Sequence[tuple], bot_norms: Sequence[str]) -> tuple[str, str, tuple]:
+    """(text, its verdict, its analysis): how the generator labels every bot text it writes."""
+    analysis = _analyze_text(text, False)
+    return text, _verdict(analysis, humans, bot_norms), analysis
+
+
 def judge(context: str, response: str) -> str:
     """Quality of ``response`` after ``context`` under the world's rule.
 
@@ -947,15 +953,11 @@ class _World:
             elif crash:
                 canned = rng.choice(_CANNED_CRASH)
             if canned is not None:
-                text = canned
-                analysis = _analyze_text(text, False)
-                quality = _verdict(analysis, humans, bot_norms)
+                text, quality, analysis = _judged(canned, humans, bot_norms)
                 asked = ask_at == k and not failure
                 stats["canned_responses"] += 1
             elif k == 0:  # a bot-first conversation opens with a (model-written) greeting
-                text = rng.choice(_BOT_GENERIC[:2])
-                analysis = _analyze_text(text, False)
-                quality = _verdict(analysis, humans, bot_norms)
+                text, quality, analysis = _judged(rng.choice(_BOT_GENERIC[:2]), humans, bot_norms)
             else:
                 cur: frozenset = frozenset()
                 for h in reversed(humans):
@@ -969,9 +971,7 @@ class _World:
                 kind = humans[-1][3] if humans else None
                 quirk = self.quirk(cur, kind)
                 if quirk is not None and rng.random() < _QUIRK_RATE:
-                    text = quirk
-                    analysis = _analyze_text(text, False)
-                    quality = _verdict(analysis, humans, bot_norms)
+                    text, quality, analysis = _judged(quirk, humans, bot_norms)
                     stats["quirks"] += 1
                 else:
                     intended = GOOD if rng.random() < p_good else rng.choices(reasons, weights)[0]
@@ -1088,16 +1088,12 @@ class _World:
                 feasible = (OFF_TOPIC, NONSENSICAL, IGNORING, INAPPROPRIATE) if cur else (NONSENSICAL, INAPPROPRIATE)
                 intended = self.rng.choice(feasible)
                 continue
-            analysis = _analyze_text(text, False)
-            quality = _verdict(analysis, humans, bot_norms)
-            last = text, quality, analysis
-            if quality == intended:
+            last = _judged(text, humans, bot_norms)
+            if last[1] == intended:
                 return last
             self.resampled += 1
         if last is None:
-            text = self.nonsensical(cur)
-            analysis = _analyze_text(text, False)
-            last = text, _verdict(analysis, humans, bot_norms), analysis
+            last = _judged(self.nonsensical(cur), humans, bot_norms)
         return last
 
     def reward(self, ok_truth: bool, p_ok_good: float, p_ok_bad: float) -> str:

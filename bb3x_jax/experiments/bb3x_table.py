@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import textwrap
 import time
 from typing import Any
 
@@ -185,8 +186,6 @@ def plot(rows: list[dict[str, Any]], path: str) -> str | None:
         logging.warning("matplotlib is not installed: no chart")
         return None
     import numpy as np
-
-    import textwrap
 
     names = [textwrap.fill(r["name"].replace("BB3x CRINGE ", "CRINGE "), 16) for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 3]})

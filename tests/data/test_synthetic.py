@@ -363,6 +363,11 @@ def test_dislike_feedback_follows_a_dislike(release):
     assert n > 10
 
 
+_TOPIC_WORDS = {
+    t: {t, *synthetic._NOUNS[i], *synthetic._GERUNDS[i]} for i, t in enumerate(synthetic.TOPIC_NAMES)
+}
+
+
 def _context_type(history, k):
     """'number' after a "How many/long/often ...?" human line, 'why' after a
     "Why ...?" one, 'science' while the human's current topic is science (and
@@ -379,11 +384,6 @@ def _context_type(history, k):
         if topics:
             return "science" if "science" in topics and "astronomy" not in topics else None
     return None
-
-
-_TOPIC_WORDS = {
-    t: {t, *synthetic._NOUNS[i], *synthetic._GERUNDS[i]} for i, t in enumerate(synthetic.TOPIC_NAMES)
-}
 
 
 def test_the_bots_quirks_are_its_mode_in_their_context_type(release):
