@@ -78,5 +78,30 @@ def test_runs_and_prints_one_json_line(bench, capsys, model, backend):
                 "step_s_mean", "tokens_per_s", "label_tokens_per_s", "threads", "torch_version"):  # fmt: skip
         assert key in out, key
     assert out["backend"] == backend and out["model"] == model and out["threads"] == 1
-    assert out["tokens_per_s"] == pytest.approx(4 * 18 / out["step_s_median"], rel=1e-2)
+    assert out["tokens_per_s"] == pytest.approx(4 * 18 / out["step_s_median"], rel=1e-3)
     assert np.isfinite(out["loss_first"]) and np.isfinite(out["loss_last"])
+
+
+class _SteadyClock:
+    """A perf_counter whose every call is ``tick`` seconds after the previous one: each timed
+    step then measures exactly ``tick``, however fast the machine really is."""
+
+    def __init__(self, tick):
+        self.tick, self.now = tick, 0.0
+
+    def __call__(self):
+        self.now += self.tick
+        return self.now
+
+
+@pytest.mark.parametrize("step_s", [3.7e-7, 3.8e-3, 0.1234567, 41.0])
+def test_printed_figures_agree_at_any_speed(bench, capsys, monkeypatch, step_s):
+    """Step time and tokens/s in the JSON line agree to 1e-3 whether a step takes microseconds or
+    a minute (a fixed number of decimals once broke the relation on a fast machine)."""
+    monkeypatch.setattr(bench.time, "perf_counter", _SteadyClock(step_s))
+    bench.main(["--model", "tiny", "--steps", "2", "--warmup", "0", "--batch", "4", "--context", "12", "--label", "6",
+                "--threads", "1"])  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert out["step_s_median"] == pytest.approx(step_s, rel=1e-3)
+    assert out["tokens_per_s"] == pytest.approx(4 * 18 / out["step_s_median"], rel=1e-3)
+    assert out["label_tokens_per_s"] == pytest.approx(4 * 6 / out["step_s_median"], rel=1e-3)

@@ -37,6 +37,9 @@ from bb3x_jax.train import setup as setup_lib
 # Fault injection for the resume tests: SIGKILL this process right after this
 # step (once the checkpoints started so far are on disk), as a preemption would.
 FAULT_KILL_ENV = "BB3X_FAULT_KILL_AFTER_STEP"
+# For the signal tests: sleep this many seconds after every step, so that a signal
+# sent once training is under way lands mid-run on a machine of any speed.
+FAULT_STEP_DELAY_ENV = "BB3X_FAULT_STEP_DELAY_S"
 
 
 class Stopped(Exception):
@@ -105,6 +108,9 @@ def _maybe_inject_fault(step: int, checkpoints: checkpoint_lib.Checkpointer) -> 
     if target and int(target) == step:
         checkpoints.wait()
         os.kill(os.getpid(), signal.SIGKILL)
+    delay = os.environ.get(FAULT_STEP_DELAY_ENV)
+    if delay:
+        time.sleep(float(delay))
 
 
 def _mean_metrics(window: list[dict]) -> dict[str, float]:

@@ -7,11 +7,12 @@ The format checks are written from ``schema.py`` and the data card, not from
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import random
 import re
-import time
+import signal
 
 import pytest
 
@@ -494,7 +495,29 @@ def test_judge_survives_junk_and_is_deterministic():
     for _ in range(300):
         cases.append("".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 200))))
     long_text = "pasta baking " * 100_000
-    start = time.perf_counter()
+    with _fails_instead_of_hanging(after_s=300):  # linear work takes well under a second; backtracking never ends
+        _judge_all(cases, long_text)
+    with pytest.raises(TypeError):
+        judge(None, "x")  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def _fails_instead_of_hanging(after_s):
+    """Turn a hang (a regex backtracking on a megabyte of text) into a failure; no speed target."""
+
+    def fail(signum, frame):
+        raise AssertionError(f"the judge did not return within {after_s} s: super-linear work on long input")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(after_s)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _judge_all(cases, long_text):
     for ctx in cases[:60]:
         for resp in cases[::10]:
             q = judge(ctx, resp)
@@ -503,9 +526,6 @@ def test_judge_survives_junk_and_is_deterministic():
     assert judge(long_text, long_text) in QUALITIES
     many_lines = "\n".join(["Do you like pasta?"] * 20_000)
     assert judge(many_lines, "Yes, I have tried baking a few times and it was amazing.") in QUALITIES
-    assert time.perf_counter() - start < 10
-    with pytest.raises(TypeError):
-        judge(None, "x")  # type: ignore[arg-type]
 
 
 def test_public_constants():

@@ -28,6 +28,11 @@ RUN_FLAGS = (
 )
 
 
+# Steps slowed to 0.5 s each, so a signal sent once step 3 is logged arrives before the last
+# step however fast the machine (without it a fast machine can finish first).
+SLOW_STEPS = {"BB3X_FAULT_STEP_DELAY_S": "0.5"}
+
+
 def main_command(workdir, *overrides, mode="train"):
     return [sys.executable, "main.py", "--config", "configs/cringe.py", f"--workdir={workdir}", f"--mode={mode}",
             *RUN_FLAGS, *overrides]
@@ -127,8 +132,8 @@ def test_sigterm_saves_and_resume_is_bit_identical(straight, prepared, tmp_path)
     """SIGTERM mid-run saves a checkpoint at the step it stops on and exits 143; the resumed run
     ends with the same parameters as the straight one."""
     workdir = fresh_workdir(prepared, tmp_path, "terminated")
-    process = subprocess.Popen(main_command(workdir), cwd=REPO, env=environment(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(main_command(workdir), cwd=REPO, env=environment(**SLOW_STEPS),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 600
     while time.time() < deadline and process.poll() is None:

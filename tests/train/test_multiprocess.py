@@ -35,7 +35,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.train.test_loop import REPO, RUN_FLAGS, STEPS, train_records
+from tests.train.test_loop import REPO, RUN_FLAGS, SLOW_STEPS, STEPS, train_records
 
 pytestmark = pytest.mark.slow  # 5.5 to 8.5 minutes on a 2-core machine: 4 jobs, each compiling the step
 
@@ -61,10 +61,10 @@ class Job:
     own process group, so a failed or timed-out job is killed with its helpers.
     """
 
-    def __init__(self, workdir: str, *, processes: int, logs: str):
+    def __init__(self, workdir: str, *, processes: int, logs: str, **extra_env: str):
         os.makedirs(logs, exist_ok=True)
         env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}")
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}", **extra_env)
         # No persistent compilation cache: only process 0 would load the step from it, the
         # other compiling far longer, beyond gloo's 30 s rendezvous (see the module docstring).
         env.pop("JAX_COMPILATION_CACHE_DIR", None)
@@ -214,7 +214,7 @@ def test_preemption_stops_both_processes_at_one_step_and_resume_is_exact(straigh
     the parameters of the uninterrupted two-process run (bit for bit) and of the one-process run."""
     single, multi = straight
     workdir, logs = str(tmp_path / "run"), str(tmp_path / "logs")
-    job = Job(workdir, processes=2, logs=logs)
+    job = Job(workdir, processes=2, logs=logs, **SLOW_STEPS)
     try:
         metrics = os.path.join(workdir, "metrics.jsonl")
         deadline = time.time() + JOB_TIMEOUT_S
