@@ -124,6 +124,8 @@ def _prefill(network, context_ids, max_len: int):
         order = jnp.argsort(context_ids != cfg.pad_id, axis=1, stable=True)  # padding to the left
         prompt = context = jnp.take_along_axis(context_ids, order, axis=1)
         cache = network.init_cache(n, need)
+        logits, cache = network.decode_cached(prompt, cache, valid=prompt != cfg.pad_id)
+        return logits[:, -1], cache, context
     logits, cache = network.decode_cached(prompt, cache)
     return logits[:, -1], cache, context
 

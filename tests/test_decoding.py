@@ -79,6 +79,23 @@ def test_greedy_and_beam_search_match_transformers(arch, scan):
     assert [_until_end(r) for r in beam] != [_until_end(r) for r in greedy]  # the search matters here
 
 
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_generated_pad_ids_are_tokens_like_any_other(method):
+    """An OPT model whose generations pass through its pad id (1): that token is attended to later
+    (its mask comes from the generated length, not from comparing ids with pad), as in transformers."""
+    hf, cfg = hf_fixtures.chatty_opt(end_bias=1.0, pad_bias=1.6)
+    model = hf_fixtures.new_model(cfg)
+    convert.load_state_dict(model, hf.state_dict(), *convert.hf_opt_table(cfg))
+    context = np.random.default_rng(1).integers(3, cfg.vocab_size, (10, 8))
+    context[:, 0] = 2
+    context[1, 5:] = 1
+    beams = 4 if method == "beam" else 1
+    ours = decoding.generate(model, context, decoding.Settings(method=method, beam_size=beams, max_len=MAX_LEN))
+    ref = _hf_generate(hf, context, 1, num_beams=beams)
+    assert sum(1 in _until_end(r)[:-1] for r in ref) >= 3, "the fixture must generate the pad id mid-sequence"
+    assert [_until_end(r) for r in ours] == [_until_end(r) for r in ref]
+
+
 def test_output_is_padded_after_the_end_token():
     """Generations are [batch, <= max_len] ids: no start token, and only pad after the end token."""
     _, model, context = _blenderbot(False)

@@ -43,11 +43,14 @@ class ReleaseError(ValueError):
 class ReadReport:
     """What a pass over the release read, used and skipped (by reason).
 
-    Invariant: ``conversations_read == conversations_used + skipped``.
+    Invariant: ``conversations_read == conversations_used + skipped``. A
+    conversation with an empty ``message_history`` is valid (ParlAI reads it and
+    gets no examples): it is used, and counted in ``empty_conversations``.
     """
 
     conversations_read: int = 0
     conversations_used: int = 0
+    empty_conversations: int = 0
     skipped_by_reason: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     skipped_examples: list[str] = dataclasses.field(default_factory=list)  # first few locations
 
@@ -63,6 +66,7 @@ class ReadReport:
     def merge(self, other: "ReadReport") -> None:
         self.conversations_read += other.conversations_read
         self.conversations_used += other.conversations_used
+        self.empty_conversations += other.empty_conversations
         self.skipped_by_reason.update(other.skipped_by_reason)
         room = 20 - len(self.skipped_examples)
         self.skipped_examples.extend(other.skipped_examples[: max(room, 0)])
@@ -71,6 +75,7 @@ class ReadReport:
         return {
             "conversations_read": self.conversations_read,
             "conversations_used": self.conversations_used,
+            "empty_conversations": self.empty_conversations,
             "skipped": self.skipped,
             "skipped_by_reason": dict(sorted(self.skipped_by_reason.items())),
             "skipped_examples": list(self.skipped_examples),
@@ -285,7 +290,7 @@ def parse_conversation(raw: bytes, where: str) -> dict[str, Any]:
     null values are kept as None (treated as absent downstream). Raises
     ReleaseError(reason, where, detail) with one of the reasons: invalid_utf8,
     malformed_json, not_an_object, missing_field, ill_typed_field,
-    empty_message_history, unknown_sender.
+    unknown_sender. An empty ``message_history`` is valid.
     """
     try:
         text = raw.decode("utf-8")
@@ -309,8 +314,6 @@ def parse_conversation(raw: bytes, where: str) -> dict[str, Any]:
     history = convo["message_history"]
     if not isinstance(history, list):
         raise ReleaseError("ill_typed_field", where, f"message_history should be a list, got {_type_name(history)}")
-    if not history:
-        raise ReleaseError("empty_message_history", where, f"conversation {convo['chat_id']} has no messages")
     for index, message in enumerate(history):
         history[index] = _parse_message(message, f"message_history[{index}]", where)
     return convo
@@ -418,6 +421,7 @@ def parse_counted(raw: bytes, where: str, report: ReadReport, skip_malformed: bo
         report.record_skip(error)
         return None
     report.conversations_used += 1
+    report.empty_conversations += not convo["message_history"]
     return convo
 
 

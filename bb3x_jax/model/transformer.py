@@ -494,18 +494,21 @@ class Transformer(nnx.Module):
             "memory_mask": memory_mask,
         }
 
-    def decode_cached(self, ids: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    def decode_cached(self, ids: jax.Array, cache: dict, valid: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """Logits [B, t, V] of ``t`` new decoder tokens after the cached ones, and the updated cache.
 
         Equal to the full forward's logits at those positions (tested): use it
-        for a prompt (t > 1) and then token by token (t = 1).
+        for a prompt (t > 1) and then token by token (t = 1). ``valid`` [B, t]
+        marks the real tokens of a (left-padded) decoder-only prompt; without
+        it every new token is real, so a generated token that happens to equal
+        the pad id is attended to like any other (as in transformers).
         """
         cfg = self.cfg
         index = cache["index"]
         t = ids.shape[1]
         max_len = cache["valid"].shape[1]
         if cfg.arch == "decoder_only":
-            new_valid = ids != cfg.pad_id
+            new_valid = jnp.ones(ids.shape, bool) if valid is None else valid
             positions = jnp.maximum(cache["count"][:, None] + jnp.cumsum(new_valid.astype(jnp.int32), axis=1) - 1, 0)
         else:
             new_valid = jnp.ones(ids.shape, bool)

@@ -46,6 +46,21 @@ def test_stats_skip_malformed_and_error_exit(tmp_path):
     assert stats["conversations_read"] == stats["conversations_used"] + stats["skipped"]
 
 
+def test_empty_conversation_is_valid_and_counted(tmp_path):
+    """A conversation with an empty message_history is read as ParlAI reads it (no examples, no
+    error) and counted in empty_conversations, by default and with --skip_malformed."""
+    empty = json.dumps({"user_pseudo_id": "u9", "chat_id": "empty", "message_history": []}).encode()
+    folder = fx.write_release(str(tmp_path / "rel"), extra_lines={8: [empty, empty]})
+    plain = json.loads(run_cli("stats", "--manual_dir", folder, "--workers", "0").stdout)
+    baseline = json.loads(run_cli("stats", "--manual_dir", fx.write_release(str(tmp_path / "base")),
+                                  "--workers", "0").stdout)
+    assert plain["empty_conversations"] == 2 and baseline["empty_conversations"] == 0
+    assert plain["examples"] == baseline["examples"] and plain["skipped"] == 0
+    assert plain["conversations_used"] == baseline["conversations_used"] + 2
+    skipping = json.loads(run_cli("stats", "--manual_dir", folder, "--skip_malformed", "--workers", "0").stdout)
+    assert skipping["empty_conversations"] == 2 and skipping["skipped"] == 0
+
+
 def test_display_shows_context_label_and_feedback(tmp_path):
     """display prints each example's ids, feedback verdict, context turns and label."""
     folder = fx.write_release(str(tmp_path / "rel"))

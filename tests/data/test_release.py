@@ -108,7 +108,6 @@ BAD_LINES = {
     "missing_field": _bad(lambda c: c.pop("chat_id")),
     "ill_typed_field": _bad(lambda c: c["message_history"][1].__setitem__("isLiked", "yes")),
     "unknown_sender": _bad(lambda c: c["message_history"][1].__setitem__("sender", "robot")),
-    "empty_message_history": _bad(lambda c: c.__setitem__("message_history", [])),
 }
 
 

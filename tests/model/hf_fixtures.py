@@ -85,7 +85,13 @@ def chatty_blenderbot(end_bias: float = 1.5, seed: int = 0):
     return _chatty(hf, 2, end_bias, seed), ours
 
 
-def chatty_opt(end_bias: float = 1.5, seed: int = 0):
-    """A tiny OPT whose generations vary and sometimes end."""
+def chatty_opt(end_bias: float = 1.5, seed: int = 0, pad_bias: float = 0.0):
+    """A tiny OPT whose generations vary and sometimes end (and, with ``pad_bias``, often
+    produce the pad id 1 as a token)."""
     hf, ours = tiny_opt(seed)
-    return _chatty(hf, 2, end_bias, seed), ours
+    hf = _chatty(hf, 2, end_bias, seed)
+    if pad_bias:
+        with torch.no_grad():
+            pad = hf.get_input_embeddings().weight[1]
+            hf.model.decoder.final_layer_norm.bias += pad_bias * pad / pad.norm()
+    return hf, ours

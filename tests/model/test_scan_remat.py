@@ -55,7 +55,9 @@ def _cached_logits(model, ids, prefill: int, context=None):
 
     cache = _jit(start)(model, None if context is None else jnp.asarray(context))
     step = _jit(lambda model, c, x: model.decode_cached(x, c))
-    logits, cache = step(model, cache, jnp.asarray(ids[:, :prefill]))
+    prefill_step = _jit(lambda model, c, x: model.decode_cached(
+        x, c, valid=x != model.cfg.pad_id if model.cfg.arch == "decoder_only" else None))
+    logits, cache = prefill_step(model, cache, jnp.asarray(ids[:, :prefill]))
     chunks = [np.asarray(logits)]
     for t in range(prefill, ids.shape[1]):
         logits, cache = step(model, cache, jnp.asarray(ids[:, t : t + 1]))

@@ -127,11 +127,16 @@ def test_export_to_transformers_and_back(tmp_path, kind):
 
 
 def _cached_logits(model, ids, prefill: int, memory=None, memory_mask=None):
-    """Logits of every position computed through the cache: a prefill, then one token at a time."""
+    """Logits of every position computed through the cache: a prefill (a decoder-only prompt's
+    padding marked), then one token at a time."""
     cache = model.init_cache(ids.shape[0], ids.shape[1], memory, memory_mask)
     step = jax.jit(lambda c, x: model.decode_cached(x, c))
+    prompt = jnp.asarray(ids[:, :prefill])
     chunks = []
-    logits, cache = step(cache, jnp.asarray(ids[:, :prefill]))
+    if model.cfg.arch == "decoder_only":
+        logits, cache = jax.jit(lambda c, x: model.decode_cached(x, c, valid=x != model.cfg.pad_id))(cache, prompt)
+    else:
+        logits, cache = step(cache, prompt)
     chunks.append(np.asarray(logits))
     for t in range(prefill, ids.shape[1]):
         logits, cache = step(cache, jnp.asarray(ids[:, t : t + 1]))
