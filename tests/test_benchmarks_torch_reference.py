@@ -15,7 +15,6 @@ import torch
 from bb3x_jax.cringe import cringe_loss
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "torch_reference.py"
-HAS_PARLAI = importlib.util.find_spec("parlai") is not None
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,7 @@ def test_cringe_equals_ours(bench, pad_id):
     np.testing.assert_allclose(x.grad.numpy(), np.asarray(grad), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not HAS_PARLAI, reason="ParlAI is not installed")
+@pytest.mark.parlai_projects
 def test_parlai_criterion_equals_ours(bench):
     """The parlai backend's loss (ParlAI's ContrastiveCrossEntropyLoss + its reduction) equals ours."""
     logits, targets, feedback = _batch(3)
@@ -64,20 +63,23 @@ def test_parlai_criterion_equals_ours(bench):
 
 
 @pytest.mark.parametrize(
-    "model, backend",
-    [("tiny", "hf"), ("tiny_opt", "hf")] + ([("tiny", "parlai"), ("tiny_opt", "parlai")] if HAS_PARLAI else []),
+    "model, backend, objective",
+    [("tiny", "hf", "cringe"), ("tiny_opt", "hf", "cringe")]
+    # ParlAI's models come with its wheel; its CRINGE criterion only with projects/.
+    + [pytest.param(m, "parlai", "mle", marks=pytest.mark.parlai) for m in ("tiny", "tiny_opt")]
+    + [pytest.param(m, "parlai", "cringe", marks=pytest.mark.parlai_projects) for m in ("tiny", "tiny_opt")],
 )
-def test_runs_and_prints_one_json_line(bench, capsys, model, backend):
+def test_runs_and_prints_one_json_line(bench, capsys, model, backend, objective):
     """Two timed steps on a tiny model print one JSON line with the documented fields."""
-    bench.main(["--model", model, "--backend", backend, "--steps", "2", "--warmup", "1", "--batch", "4",
-                "--context", "12", "--label", "6", "--threads", "1"])  # fmt: skip
+    bench.main(["--model", model, "--backend", backend, "--objective", objective, "--steps", "2", "--warmup", "1",
+                "--batch", "4", "--context", "12", "--label", "6", "--threads", "1"])  # fmt: skip
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     out = json.loads(lines[0])
     for key in ("backend", "model", "objective", "batch", "context", "label", "params", "step_s_median",
                 "step_s_mean", "tokens_per_s", "label_tokens_per_s", "threads", "torch_version"):  # fmt: skip
         assert key in out, key
-    assert out["backend"] == backend and out["model"] == model and out["threads"] == 1
+    assert (out["backend"], out["model"], out["objective"], out["threads"]) == (backend, model, objective, 1)
     assert out["tokens_per_s"] == pytest.approx(4 * 18 / out["step_s_median"], rel=1e-3)
     assert np.isfinite(out["loss_first"]) and np.isfinite(out["loss_last"])
 

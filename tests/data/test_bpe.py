@@ -1,9 +1,8 @@
 """Tests of the GPT-2 byte-level BPE tokenizers (ParlAI dictionaries, OPT).
 
 Everything runs on a small byte-level BPE trained here with ``tokenizers``; no
-network, no downloaded vocabulary. The comparisons with ParlAI itself run when
-ParlAI 1.7.2 is importable (``pip install --no-deps parlai==1.7.2
-"setuptools<81" iopath requests Pillow``) and are skipped otherwise.
+network, no downloaded vocabulary. The comparisons with ParlAI itself are marked
+``parlai`` (tests/conftest.py: they fail when ParlAI 1.7.2 is missing).
 """
 
 from __future__ import annotations
@@ -143,23 +142,12 @@ def blbpe_tok(blbpe_files):
     return ParlaiBpeTokenizer.from_parlai_files(blbpe_files, dict_tokenizer="bytelevelbpe")
 
 
-def _parlai():
-    """ParlAI's DictionaryAgent / ParlaiParser, or a skip saying how to get them."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from parlai.core.dict import DictionaryAgent
-            from parlai.core.params import ParlaiParser
-    except Exception as e:  # ImportError, or a broken install
-        pytest.skip(
-            f"ParlAI not importable ({type(e).__name__}: {e}); install with "
-            '`pip install --no-deps parlai==1.7.2 "setuptools<81" iopath requests Pillow`'
-        )
-    return DictionaryAgent, ParlaiParser
-
-
 def _parlai_dict(args):
-    DictionaryAgent, ParlaiParser = _parlai()
+    """ParlAI's own DictionaryAgent for these command-line arguments (tests marked ``parlai``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from parlai.core.dict import DictionaryAgent
+        from parlai.core.params import ParlaiParser
     parser = ParlaiParser(True, True)
     DictionaryAgent.add_cmdline_args(parser)
     return DictionaryAgent(parser.parse_args([str(a) for a in args]))
@@ -169,7 +157,7 @@ def _parlai_dict(args):
 def _reference_gpt2_ids(text: str, vocab: dict[str, int], merges: list[tuple[str, str]]) -> list[int]:
     """GPT-2's BPE from its definition (regex pieces; repeatedly merge every
     occurrence of the lowest-rank pair, left to right), independent of tokenizers."""
-    regex = pytest.importorskip("regex", reason="the reference BPE needs the `regex` module")
+    import regex
     ranks = {m: r for r, m in enumerate(merges)}
     byte_char = bpe.byte_to_unicode()
     ids = []
@@ -338,6 +326,7 @@ def test_bytelevelbpe_mode(blbpe_tok, files):
 
 
 # --- ParlAI itself ------------------------------------------------------------------------
+@pytest.mark.parlai
 def test_matches_parlai_gpt2_dictionary_agent(files, gpt2_tok, tmp_path):
     """ids, vocabulary and vec2txt equal ParlAI's DictionaryAgent (dict_tokenizer gpt2)."""
     agent = _parlai_dict(["--dict-tokenizer", "gpt2", "--datapath", files["datapath"], "--dict-file", files["dict"]])
@@ -358,6 +347,7 @@ def test_matches_parlai_gpt2_dictionary_agent(files, gpt2_tok, tmp_path):
     assert tuple(agent.txt2vec("\n")) == gpt2_tok.delimiter_ids
 
 
+@pytest.mark.parlai
 def test_matches_parlai_special_tokens_and_reordered_dict(files, tmp_path):
     """ParlAI agreement with --special-tok-lst tokens and with a dict that is not encoder.json + 4."""
     bad = tmp_path / "model.dict"
@@ -376,6 +366,7 @@ def test_matches_parlai_special_tokens_and_reordered_dict(files, tmp_path):
         assert tok.decode(vec) == agent.vec2txt(vec), repr(text)
 
 
+@pytest.mark.parlai
 def test_matches_parlai_bytelevelbpe_dictionary_agent(blbpe_files, blbpe_tok):
     """ids equal ParlAI's DictionaryAgent with dict_tokenizer bytelevelbpe; vec2txt agrees
     except that ParlAI strips every leading space (and asserts on a leading special)."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,11 +11,6 @@ from flax import nnx
 from bb3x_jax.model import convert, parlai
 from tests.model import hf_fixtures
 
-HAS_PARLAI = importlib.util.find_spec("parlai") is not None
-needs_parlai = pytest.mark.skipif(
-    not HAS_PARLAI,
-    reason='ParlAI is not installed (pip install --no-deps parlai==1.7.2 "setuptools<81" iopath requests Pillow)',
-)
 
 
 def test_blenderbot_to_parlai_file_and_back(tmp_path):
@@ -78,7 +71,7 @@ class _Dictionary:
         return {"__null__": 0, "__start__": 1, "__end__": 2, "__unk__": 3}[token]
 
 
-@needs_parlai
+@pytest.mark.parlai
 @pytest.mark.parametrize("variant", ["prelayernorm", "aiayn", "xlm", "bart"])
 def test_logits_equal_parlai_transformer_generator(tmp_path, variant):
     """A ParlAI-format file written from ParlAI's own model loads here with its logits (1e-4), every variant."""
