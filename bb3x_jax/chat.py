@@ -1,8 +1,8 @@
 """``--mode=chat``: talk to a trained model in the terminal.
 
 The history is kept and framed exactly as training saw contexts (turns joined
-with the release's delimiter, left-truncated to ``data.text_truncate`` tokens,
-bart framing when configured), and responses come from ``config.generation``.
+with the release's delimiter, then the run's framing: ``bb3x_jax.data.framing``),
+and responses come from ``config.generation``.
 Type ``[reset]`` to start a new conversation, ``[exit]`` (or end the input) to
 stop. Reads stdin line by line, so a conversation can be piped in as well.
 """
@@ -30,6 +30,7 @@ class Conversation:
 
         self.tokenizer = tokenizer
         self.config = config
+        self.framing = config_lib.framing(config)
         self.settings = config_lib.generation_settings(config)
         graphdef, self.state = nnx.split(network)
         self.search = decoding.compiled_search(graphdef, self.settings)
@@ -44,14 +45,12 @@ class Conversation:
         import jax
         import numpy as np
 
-        from bb3x_jax.data import pipeline
+        from bb3x_jax.data import framing as framing_lib
         from bb3x_jax.train import generation_eval
 
         self.history.append(" ".join(message.split()))  # one turn per line: no delimiters inside a turn
-        data = self.config.data
-        ids = pipeline.context_ids([DELIMITER.join(self.history)], self.tokenizer, data.text_truncate,
-                                   data.context_framing)
-        rows = np.full((1, data.text_truncate), self.tokenizer.pad_id, np.int32)  # one shape: compiled once
+        ids = framing_lib.context_ids([DELIMITER.join(self.history)], self.tokenizer, self.framing)
+        rows = np.full((1, self.framing.text_truncate), self.tokenizer.pad_id, np.int32)  # one shape: compiled once
         rows[:, : ids.shape[1]] = ids
         key = jax.random.fold_in(jax.random.key(self.config.seed), self.turns)
         tokens, _ = self.search(self.state, rows, key)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from ml_collections import config_dict
 
-from bb3x_jax.data import schema
+from bb3x_jax.data import framing as framing_lib
+from bb3x_jax.data import schema, tokenizer_files
 from bb3x_jax.data.feedback import FeedbackPolicy
 
 
@@ -22,6 +23,30 @@ class ConfigError(ValueError):
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(key, message)
+
+
+def tokenizer_spec(config: config_dict.ConfigDict) -> tokenizer_files.TokenizerSpec | None:
+    """The configured tokenizer's files (None: a sentencepiece model trained on the data);
+    a missing file names ``data.tokenizer.path``."""
+    tok = config.data.tokenizer
+    try:
+        return tokenizer_files.resolve_configured(tok.kind, tok.path, init_from=config.train.init_from,
+                                                  bpe_dir=tok.bpe_dir)
+    except (OSError, ValueError) as error:
+        key = "data.tokenizer.path" if tok.path or tok.kind not in ("auto", "checkpoint") else "train.init_from"
+        raise ConfigError(key, str(error)) from None
+
+
+def framing(config: config_dict.ConfigDict, spec=...) -> framing_lib.Framing:
+    """How this run frames contexts and labels: the tokenizer's checkpoint's own framing
+    (``data.context_framing`` / ``data.label_framing`` = auto) or the configured one."""
+    data = config.data
+    spec = tokenizer_spec(config) if spec is ... else spec
+    try:
+        return framing_lib.for_tokenizer(spec, data.text_truncate, data.label_truncate,
+                                         context=data.context_framing, label=data.label_framing)
+    except ValueError as error:
+        raise ConfigError("data.context_framing", str(error)) from None
 
 
 def feedback_policy(config: config_dict.ConfigDict) -> FeedbackPolicy:
@@ -49,13 +74,16 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
     data = config.data
     _require(data.stream in schema.STREAMS, "data.stream", f"{data.stream!r} is not one of {', '.join(schema.STREAMS)}")
     _require(data.synthetic.conversations > 0, "data.synthetic.conversations", "must be positive")
-    _require(data.tokenizer.kind == "sentencepiece", "data.tokenizer.kind",
-             f"{data.tokenizer.kind!r} is not supported yet (sentencepiece)")
+    _require(data.tokenizer.kind in tokenizer_files.CONFIG_KINDS, "data.tokenizer.kind",
+             f"{data.tokenizer.kind!r} is not one of {', '.join(tokenizer_files.CONFIG_KINDS)}")
     _require(data.tokenizer.vocab_size >= 64, "data.tokenizer.vocab_size", "must be at least 64")
     _require(data.text_truncate > 0, "data.text_truncate", "must be positive")
-    _require(data.context_framing in ("plain", "bart"), "data.context_framing",
-             f"{data.context_framing!r} is not plain or bart")
+    _require(data.context_framing in ("auto",) + framing_lib.CONTEXT_FRAMINGS, "data.context_framing",
+             f"{data.context_framing!r} is not one of auto, {', '.join(framing_lib.CONTEXT_FRAMINGS)}")
+    _require(data.label_framing in ("auto",) + framing_lib.LABEL_FRAMINGS, "data.label_framing",
+             f"{data.label_framing!r} is not one of auto, {', '.join(framing_lib.LABEL_FRAMINGS)}")
     _require(data.label_truncate > 1, "data.label_truncate", "must be at least 2 (label + end token)")
+    framing(config)  # the tokenizer's files exist and the framing fits the truncation
     for key, truncate in (("context_buckets", data.text_truncate), ("label_buckets", data.label_truncate)):
         buckets = tuple(data[key])
         _require(
@@ -200,10 +228,16 @@ def model_config(config: config_dict.ConfigDict, tokenizer):
         decoder_start=(tokenizer.start_id,),
         **model_overrides(config),
     )
-    needed = config.data.text_truncate + (config.data.label_truncate if cfg.arch == "decoder_only" else 0)
-    _require(cfg.n_positions >= max(needed, config.data.label_truncate), "model.preset",
-             f"{config.model.preset} has {cfg.n_positions} positions, the data needs {needed}")
+    check_positions(config, cfg, "model.preset", config.model.preset)
     return cfg
+
+
+def check_positions(config: config_dict.ConfigDict, cfg, key: str, name: str) -> None:
+    """The model has a position for every context (and, decoder-only, label) token the data gives it."""
+    needed = config.data.text_truncate + (config.data.label_truncate if cfg.arch == "decoder_only" else 0)
+    _require(cfg.n_positions >= max(needed, config.data.label_truncate), key,
+             f"{name} has {cfg.n_positions} positions, the data needs {needed} "
+             "(lower data.text_truncate / data.label_truncate)")
 
 
 def initialize_distributed(config: config_dict.ConfigDict) -> None:

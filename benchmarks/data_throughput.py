@@ -21,6 +21,7 @@ import time
 
 from bb3x_jax.data import builder, dataset, parallel, pipeline, synthetic, token_cache
 from bb3x_jax.data import tokenizer as tokenizer_lib
+from bb3x_jax.data.framing import Framing
 
 
 def main() -> None:
@@ -63,10 +64,10 @@ def main() -> None:
     for workers in (0, 2):  # tokenizing on the fly, in-process and in 2 worker processes
         config = pipeline.PipelineConfig(global_batch_size=args.batch_size, prefetch=2, workers=workers)
         results[f"on_the_fly_workers{workers}"] = pipeline.measure_throughput(source, tok, config, args.batches, warmup_batches=4)
-    cache_path = token_cache.cache_dir(args.workdir, "bench-train", tok, 128, 32)
+    cache_path = token_cache.cache_dir(args.workdir, "bench-train", tok, Framing(128, 32))
     shutil.rmtree(cache_path, ignore_errors=True)
     start = time.perf_counter()
-    cached = token_cache.build(source, tok, 128, 32, cache_path, workers=workers)
+    cached = token_cache.build(source, tok, Framing(128, 32), cache_path, workers=workers)
     cache_s = time.perf_counter() - start
     config = pipeline.PipelineConfig(global_batch_size=args.batch_size, prefetch=2)
     results["token_cache"] = pipeline.measure_throughput(cached, tok, config, args.batches, warmup_batches=4)

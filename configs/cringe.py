@@ -33,18 +33,29 @@ def get_config() -> config_dict.ConfigDict:
     # reward thresholds are floats or None; tell ml_collections their type.
     data.policy.reward_negative_threshold = config_dict.placeholder(float)
     data.policy.reward_positive_threshold = config_dict.placeholder(float)
+    # The tokenizer. kind: auto (the checkpoint's own when train.init_from is set, else
+    # sentencepiece) | sentencepiece | checkpoint | parlai | hf | metaseq
+    # (bb3x_jax/data/tokenizer_files.py says where each format keeps its files).
     data.tokenizer = config_dict.ConfigDict(
         {
-            "kind": "sentencepiece",
-            "path": "",  # '' -> trained on the train split, cached beside the prepared data
-            "vocab_size": 4000,
+            "kind": "auto",
+            # sentencepiece: a .model file ('' -> trained on the train split, cached beside
+            # the prepared data); parlai: a ParlAI model file (with .opt and .dict beside it);
+            # hf: a transformers OPT directory; metaseq: a checkpoint file or folder;
+            # checkpoint: any of these or a workdir of this project ('' -> train.init_from).
+            "path": "",
+            "bpe_dir": "",  # where GPT-2's BPE files are when not beside the checkpoint
+            "vocab_size": 4000,  # a trained sentencepiece model's size
             "max_sentences": 200_000,
         }
     )
     data.text_truncate = 128
-    # How the context enters the encoder: "plain" (ParlAI's generator agents) or
-    # "bart" (BB3-3B's agent: [start] + last text_truncate - 2 tokens + [end]).
-    data.context_framing = "plain"
+    # How contexts and labels become token rows (bb3x_jax/data/framing.py). auto: as the
+    # tokenizer's checkpoint was trained (a ParlAI checkpoint's agent, BB3's OPT prompt),
+    # plain contexts and end_kept labels for this project's own models. Or force one:
+    # context plain | bart | bb3_opt_prompt; label end_kept | parlai.
+    data.context_framing = "auto"
+    data.label_framing = "auto"
     data.label_truncate = 32
     data.context_buckets = (32, 64, 128)
     data.label_buckets = (32,)

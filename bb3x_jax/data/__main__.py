@@ -5,9 +5,13 @@
     python -m bb3x_jax.data display --manual_dir DIR --stream bot -n 5
     python -m bb3x_jax.data prepare --manual_dir DIR --stream bot --data_dir DIR
     python -m bb3x_jax.data train_tokenizer --manual_dir DIR --data_dir DIR --out FILE
+    python -m bb3x_jax.data encode --tokenizer PATH --input pairs.jsonl [--text_truncate N --label_truncate N]
 
 ``stats`` prints exactly one JSON object on stdout (logs go to stderr), so it
-can be piped into ``jq``. Every command works on any release folder or tarball.
+can be piped into ``jq``. Every release command works on any release folder or
+tarball. ``encode`` shows what a model sees: for each ``{"context", "label"}``
+line, the encoder input and decoder target the train step gets under that
+tokenizer and its framing (``bb3x_jax.data.framing``).
 """
 
 from __future__ import annotations
@@ -177,6 +181,41 @@ def cmd_train_tokenizer(args) -> None:
     print(json.dumps({"model": args.out, "vocab_size": tok.vocab_size, "prepared_dir": str(built.data_dir)}))
 
 
+def cmd_encode(args) -> None:
+    from bb3x_jax.data import framing as framing_lib
+    from bb3x_jax.data import tokenizer_files
+
+    try:
+        spec = tokenizer_files.resolve(args.kind, args.tokenizer, bpe_dir=args.bpe_dir)
+        tok = tokenizer_files.load(spec)
+        text, label = tokenizer_files.recorded_truncation(spec)  # else configs/cringe.py's defaults
+        framing = framing_lib.for_tokenizer(spec, args.text_truncate or text or 128, args.label_truncate or label or 32,
+                                            context=args.context_framing, label=args.label_framing)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    stream = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
+    pairs = []
+    for number, line in enumerate(stream, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("context"), str) \
+                    or not isinstance(record.get("label"), str):
+                raise ValueError('expected {"context": str, "label": str}')
+        except ValueError as error:
+            print(f"error: {args.input}:{number}: {error}", file=sys.stderr)
+            sys.exit(2)
+        pairs.append(record)
+    for start in range(0, len(pairs), 256):
+        chunk = pairs[start : start + 256]
+        rows = framing_lib.frame_pairs([p["context"] for p in chunk], [p["label"] for p in chunk], tok, framing)
+        for context_ids, label_ids in rows:
+            print(json.dumps({"context_ids": context_ids, "label_ids": label_ids}))
+    print(json.dumps({"framing": framing.to_dict(), "tokenizer": spec.kind, "pairs": len(pairs)}), file=sys.stderr)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bb3x_jax.data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,6 +249,19 @@ def main(argv=None) -> None:
     p.add_argument("--max_sentences", type=int, default=200_000, help="first N examples of the train split")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_train_tokenizer)
+
+    p = sub.add_parser("encode", help="print the encoder input and decoder target of context/label pairs")
+    p.add_argument("--tokenizer", required=True, help="a sentencepiece model, a ParlAI model file, a transformers "
+                   "or metaseq checkpoint, or a workdir of this project")
+    p.add_argument("--kind", default="checkpoint", choices=("checkpoint", "sentencepiece", "parlai", "hf", "metaseq"),
+                   help="what --tokenizer is (checkpoint: told from the path)")
+    p.add_argument("--input", default="-", help='JSONL of {"context": str, "label": str} (-: stdin)')
+    p.add_argument("--bpe_dir", default="", help="GPT-2's BPE files when not beside the checkpoint")
+    p.add_argument("--text_truncate", type=int, default=0, help="0: what the checkpoint records, else 128")
+    p.add_argument("--label_truncate", type=int, default=0, help="0: what the checkpoint records, else 32")
+    p.add_argument("--context_framing", default="auto", help="auto | plain | bart | bb3_opt_prompt")
+    p.add_argument("--label_framing", default="auto", help="auto | end_kept | parlai")
+    p.set_defaults(fn=cmd_encode)
 
     args = parser.parse_args(argv)
     try:

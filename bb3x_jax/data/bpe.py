@@ -126,6 +126,7 @@ Known differences from ParlAI, all deliberate or unavoidable:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -472,6 +473,15 @@ class _ByteLevelBpeBase:
         if specials:
             tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
         return tk
+
+    @property
+    def fingerprint(self) -> str:
+        """A stable hash of everything that decides the ids (vocabulary, merges, specials):
+        it keys token caches and tells a judge's or checkpoint's tokenizer apart."""
+        if getattr(self, "_fingerprint", None) is None:
+            blob = json.dumps([type(self).__name__, self._state], sort_keys=True, default=list)
+            self._fingerprint = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return self._fingerprint
 
     # Pickling (worker processes) rebuilds the Rust objects from plain data.
     def __getstate__(self):
@@ -918,13 +928,29 @@ class OptGpt2Tokenizer(_ByteLevelBpeBase):
         vocab_size: int | None = None,
     ) -> OptGpt2Tokenizer:
         """HF ``facebook/opt-*`` files: ``vocab.json`` already maps tokens to OPT ids."""
-        vocab = _read_json_vocab(vocab_json)
+        return cls._from_opt_vocab(_read_json_vocab(vocab_json), read_hf_merges(merges_txt), vocab_size, vocab_json)
+
+    @classmethod
+    def from_hf_tokenizer_json(cls, tokenizer_json: str | os.PathLike, *,
+                               vocab_size: int | None = None) -> OptGpt2Tokenizer:
+        """A transformers ``tokenizer.json`` (what ``save_pretrained`` writes since transformers 5):
+        its byte-level BPE model's vocabulary (OPT ids) and merges."""
+        spec = json.loads(_read_bytes(tokenizer_json).decode("utf-8"))
+        model = spec.get("model") or {}
+        pre = spec.get("pre_tokenizer") or {}
+        if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or pre.get("add_prefix_space"):
+            raise ValueError(f"{tokenizer_json}: not a GPT-2 byte-level BPE without prefix space (OPT's)")
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+        return cls._from_opt_vocab(dict(model.get("vocab", {})), merges, vocab_size, tokenizer_json)
+
+    @classmethod
+    def _from_opt_vocab(cls, vocab, merges, vocab_size, where) -> OptGpt2Tokenizer:
         for i, name in enumerate(OPT_SPECIALS):
             if vocab.get(name) != i:
-                raise ValueError(f"{vocab_json}: expected {name!r} at id {i}, got {vocab.get(name)}")
+                raise ValueError(f"{where}: expected {name!r} at id {i}, got {vocab.get(name)}")
         bpe_ids = {t: i for t, i in vocab.items() if t not in OPT_SPECIALS}
         names = {i: t for i, t in enumerate(OPT_SPECIALS)}
-        return cls._make(bpe_ids, read_hf_merges(merges_txt), names, vocab_size)
+        return cls._make(bpe_ids, merges, names, vocab_size)
 
     @classmethod
     def from_metaseq_files(
@@ -981,6 +1007,33 @@ class OptGpt2Tokenizer(_ByteLevelBpeBase):
             unk_id=OPT_UNK_ID,
             vocab_size=vocab_size,
         )
+
+    def save_hf_files(self, directory: str | os.PathLike) -> list[str]:
+        """transformers' OPT tokenizer files for exactly these ids: ``vocab.json`` (token -> OPT
+        id), ``merges.txt``, ``tokenizer_config.json`` and ``special_tokens_map.json`` as the
+        ``facebook/opt-*`` repositories have them (GPT2Tokenizer, ``</s>`` prepended)."""
+        st = self._state
+        vocab = dict(st["bpe_ids"])
+        for i, name in sorted((int(i), n) for i, n in st["names"].items()):
+            vocab.setdefault(name, i)
+        os.makedirs(directory, exist_ok=True)
+        files = {
+            "vocab.json": json.dumps(dict(sorted(vocab.items(), key=lambda kv: kv[1])), ensure_ascii=False),
+            "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in st["merges"]),
+            "special_tokens_map.json": json.dumps({"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>",
+                                                   "pad_token": "<pad>"}),
+            "tokenizer_config.json": json.dumps({
+                "tokenizer_class": "GPT2Tokenizer", "add_bos_token": True, "add_prefix_space": False,
+                "bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>",
+                "errors": "replace", "model_max_length": 1000000000000000019884624838656}),
+        }
+        paths = []
+        for name, text in files.items():
+            path = os.path.join(directory, name)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            paths.append(path)
+        return paths
 
     @property
     def bos_id(self) -> int:

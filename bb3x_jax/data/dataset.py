@@ -19,7 +19,8 @@ from ml_collections import config_dict
 
 from bb3x_jax import config as config_lib
 from bb3x_jax.data import builder as builder_lib
-from bb3x_jax.data import generated, parallel, pipeline, records, synthetic, token_cache, tokenizer as tokenizer_lib
+from bb3x_jax.data import generated, parallel, pipeline, records, synthetic, token_cache, tokenizer_files
+from bb3x_jax.data import tokenizer as tokenizer_lib
 
 
 def data_root(data: config_dict.ConfigDict, workdir: str) -> str:
@@ -85,19 +86,31 @@ def is_synthetic_release(data: config_dict.ConfigDict) -> bool:
 
 
 def tokenizer_path(config: config_dict.ConfigDict, built: builder_lib.Bb3xDeployment) -> str:
-    """The sentencepiece model file: the configured one, or the one trained beside the prepared data."""
+    """The sentencepiece model trained beside the prepared data (when no tokenizer is configured)."""
     tok = config.data.tokenizer
-    if tok.path:
-        return os.path.expanduser(tok.path)
     return os.path.join(str(built.data_dir), f"sentencepiece-v{tok.vocab_size}-n{tok.max_sentences}.model")
 
 
-def load_tokenizer(config: config_dict.ConfigDict, built: builder_lib.Bb3xDeployment):
-    """The configured sentencepiece model, or one trained once on the train split."""
-    tok = config.data.tokenizer
+def tokenizer_spec(config: config_dict.ConfigDict, built: builder_lib.Bb3xDeployment):
+    """The run's tokenizer files: the configured ones (a checkpoint's own, a sentencepiece model),
+    or the sentencepiece model trained on the train split (trained here on first use)."""
+    spec = config_lib.tokenizer_spec(config)
+    if spec is not None:
+        return spec
     path = tokenizer_path(config, built)
-    if tok.path or os.path.exists(path):  # a configured model must exist; a trained one is reused
-        return tokenizer_lib.SentencePieceTokenizer.load(path)
+    if not os.path.exists(path):
+        train_tokenizer(config, built, path)
+    return tokenizer_files.resolve_sentencepiece(path)
+
+
+def load_tokenizer(config: config_dict.ConfigDict, built: builder_lib.Bb3xDeployment):
+    """The run's tokenizer (``tokenizer_spec``), loaded."""
+    return tokenizer_files.load(tokenizer_spec(config, built))
+
+
+def train_tokenizer(config: config_dict.ConfigDict, built: builder_lib.Bb3xDeployment, path: str):
+    """A sentencepiece model trained once on the train split, written to ``path``."""
+    tok = config.data.tokenizer
     logging.info("Training a %d-piece sentencepiece model on the train split -> %s", tok.vocab_size, path)
     source = records.TrainingRecords.of(built, "train")
     return tokenizer_lib.train_sentencepiece(
@@ -144,6 +157,7 @@ def prepare_with_tokenizer(config: config_dict.ConfigDict, workdir: str):
 
 def pipeline_config(config: config_dict.ConfigDict, *, train: bool) -> pipeline.PipelineConfig:
     data = config.data
+    framing = config_lib.framing(config)
     common = dict(
         text_truncate=data.text_truncate,
         label_truncate=data.label_truncate,
@@ -152,7 +166,9 @@ def pipeline_config(config: config_dict.ConfigDict, *, train: bool) -> pipeline.
         seed=config.seed,
         prefetch=data.prefetch,
         workers=data.pipeline_workers,
-        context_framing=data.context_framing,
+        context_framing=framing.context,
+        label_framing=framing.label,
+        global_end_token=framing.global_end_token,
     )
     if train:
         return pipeline.PipelineConfig(global_batch_size=data.batch_size, **common)
@@ -191,11 +207,12 @@ def _cached(config: config_dict.ConfigDict, records_source, tok, root: str, name
     data = config.data
     if not data.token_cache:
         return records_source
-    path = token_cache.cache_dir(root, name, tok, data.text_truncate, data.label_truncate)
+    framing = config_lib.framing(config)
+    path = token_cache.cache_dir(root, name, tok, framing)
     if not os.path.exists(os.path.join(path, "meta.json")):
         logging.info("Tokenizing %s once into %s", name, path)
     workers = parallel.resolve_workers(data.num_workers) if len(records_source) > 10_000 else 0
-    return token_cache.build(records_source, tok, data.text_truncate, data.label_truncate, path, workers=workers)
+    return token_cache.build(records_source, tok, framing, path, workers=workers)
 
 
 def summary(built: builder_lib.Bb3xDeployment) -> dict[str, Any]:

@@ -32,18 +32,24 @@ its state is trivially exact, process-count-free and needs no worker processes
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from bb3x_jax.data.tokenizer import DEFAULT_CHARS_PER_TOKEN, DELIMITER, Tokenizer, _as_text, encode_contexts
+from bb3x_jax.data.framing import (
+    CONTEXT_FRAMINGS,
+    Framing,
+    TokenRows,
+    frame_context_rows,
+    frame_label_rows,
+)
+from bb3x_jax.data.tokenizer import DEFAULT_CHARS_PER_TOKEN, Tokenizer, _as_text
 
 STATE_FORMAT = "bb3x_jax.pipeline/1"
 BATCH_KEYS = ("context_ids", "label_ids", "feedback", "valid", "index")
@@ -82,15 +88,16 @@ class PipelineConfig:
     drop_remainder: bool = True
     prefetch: int = 2
     workers: int = 0
-    # "plain": the context as ParlAI's generator agent frames it; "bart": BB3-3B's
-    # bart agent: [start] + the last text_truncate - 2 tokens + [end].
+    # How contexts and labels become token rows (bb3x_jax.data.framing): plain |
+    # bart | bb3_opt_prompt; end_kept | parlai; ParlAI's global end token.
     context_framing: str = "plain"
+    label_framing: str = "end_kept"
+    global_end_token: bool = False
 
     def __post_init__(self):
-        if self.context_framing not in ("plain", "bart"):
-            raise ValueError(f"context_framing must be 'plain' or 'bart', got {self.context_framing!r}")
-        if self.context_framing == "bart" and self.text_truncate < 3:
-            raise ValueError("bart framing needs text_truncate >= 3 (start + at least one token + end)")
+        if self.context_framing not in CONTEXT_FRAMINGS:
+            raise ValueError(f"context_framing must be one of {', '.join(CONTEXT_FRAMINGS)}, "
+                             f"got {self.context_framing!r}")
         if self.global_batch_size <= 0:
             raise ValueError("global_batch_size must be positive")
         if self.text_truncate <= 0 or self.label_truncate <= 0:
@@ -105,6 +112,13 @@ class PipelineConfig:
         lab = self.label_buckets if self.label_buckets is not None else (self.label_truncate,)
         object.__setattr__(self, "context_buckets", _check_buckets("context_buckets", ctx, self.text_truncate))
         object.__setattr__(self, "label_buckets", _check_buckets("label_buckets", lab, self.label_truncate))
+        self.framing  # validates the framing fields
+
+    @property
+    def framing(self) -> Framing:
+        return Framing(text_truncate=self.text_truncate, label_truncate=self.label_truncate,
+                       context=self.context_framing, label=self.label_framing,
+                       global_end_token=self.global_end_token)
 
     @classmethod
     def for_eval(cls, global_batch_size: int, **kwargs) -> PipelineConfig:
@@ -119,164 +133,6 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int, shuffle: bool = 
         return np.arange(num_examples, dtype=np.int64)
     rng = np.random.Generator(np.random.Philox(key=(int(epoch) << 64) | int(seed)))
     return rng.permutation(num_examples).astype(np.int64, copy=False)
-
-
-def pad_rows(rows: Sequence[Sequence[int]], num_rows: int, length: int, pad_id: int = 0) -> np.ndarray:
-    """Right-pads token lists into an int32 [num_rows, length] array (extra rows all pad)."""
-    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32, count=int(lengths.sum()))
-    return _TokenRows(flat, np.cumsum(lengths) - lengths, lengths).padded(num_rows, length, pad_id)
-
-
-@dataclasses.dataclass
-class _TokenRows:
-    """Rows of a batch as (flat token stream, row starts, row lengths): padding
-    them is one vectorised gather instead of a Python loop over rows."""
-
-    stream: np.ndarray  # int32
-    starts: np.ndarray  # int64 [n]
-    lengths: np.ndarray  # int64 [n]
-
-    def longest(self) -> int:
-        return int(self.lengths.max(initial=0))
-
-    def framed(self, start_id: int, end_id: int, keep: int) -> _TokenRows:
-        """[start] + the last ``keep`` tokens of each row + [end] (ParlAI's bart agent)."""
-        kept = np.minimum(self.lengths, keep)
-        lengths = kept + 2
-        ends = np.cumsum(lengths)
-        starts = ends - lengths
-        stream = np.empty(int(ends[-1]) if len(lengths) else 0, np.int32)
-        offs = np.arange(int(kept.sum())) - np.repeat(np.cumsum(kept) - kept, kept)
-        source = np.repeat(self.starts + self.lengths - kept, kept) + offs
-        stream[np.repeat(starts + 1, kept) + offs] = self.stream[source]
-        stream[starts] = start_id
-        stream[ends - 1] = end_id
-        return _TokenRows(stream, starts, lengths)
-
-    def padded(self, num_rows: int, length: int, pad_id: int) -> np.ndarray:
-        n = len(self.lengths)
-        if self.longest() > length:
-            raise ValueError(f"row of length {self.longest()} does not fit {length}")
-        out = np.full((num_rows, length), pad_id, dtype=np.int32)
-        if n and len(self.stream):
-            cols = np.arange(length)
-            idx = np.minimum(self.starts[:, None] + cols[None, :], len(self.stream) - 1)
-            out[:n] = np.where(cols[None, :] < self.lengths[:, None], self.stream[idx], pad_id)
-        return out
-
-
-def _encode_flat(tokenizer: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """All encodings of ``texts`` as one int32 stream plus per-text lengths."""
-    fast = getattr(tokenizer, "encode_batch_numpy", None)
-    if fast is not None:
-        arrays = fast(texts)
-        lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
-        flat = np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, np.int32)
-        return flat, lengths
-    return _flatten(tokenizer.encode_batch(texts))
-
-
-def _flatten(encoded: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-    flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(lengths.sum()))
-    return flat, lengths
-
-
-def _encode_context_rows(
-    texts: list[str], tokenizer: Tokenizer, text_truncate: int, chars_per_token: float
-) -> _TokenRows:
-    """Vectorised ``encode_contexts`` (same result, row by row).
-
-    One round: each example's trailing turns that cover ``text_truncate *
-    chars_per_token`` characters are encoded in one batched call, and the
-    turn/delimiter interleaving, left truncation and padding are numpy index
-    arithmetic. Examples whose guess falls short of ``text_truncate`` tokens
-    (and have older turns) get only the missing older tokens from the exact
-    multi-round ``encode_contexts``, in one more batched call.
-    """
-    n, T = len(texts), text_truncate
-    if n == 0:
-        return _TokenRows(np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64))
-    if not getattr(tokenizer, "turnwise_exact", True):
-        # Whole-string tokenizers (ParlAI's GPT-2 BPE: "\n\n" can be one token)
-        # do not split at turn boundaries; they left-truncate exactly themselves.
-        rows = tokenizer.encode_contexts(texts, T, chars_per_token=chars_per_token)
-        flat, lengths = _flatten(rows)
-        return _TokenRows(flat, np.cumsum(lengths) - lengths, lengths)
-    delim = np.asarray(tokenizer.delimiter_ids, dtype=np.int32)
-    dl = len(delim)
-    budget = max(1, int(T * chars_per_token))
-    flat_turns: list[str] = []
-    counts = np.empty(n, np.int64)
-    cuts = np.empty(n, np.int64)
-    for i, text in enumerate(texts):
-        cut = text.rfind(DELIMITER, 0, max(0, len(text) - budget))
-        turns = text[cut + 1 :].split(DELIMITER)
-        flat_turns.extend(turns)
-        counts[i] = len(turns)
-        cuts[i] = cut
-    tokens, tl = _encode_flat(tokenizer, flat_turns)
-    last = np.cumsum(counts) - 1  # index of each example's last turn
-    not_last = np.ones(len(tl), bool)
-    not_last[last] = False
-    seg = tl + dl * not_last  # each turn followed by a delimiter, except the last
-    seg_end = np.cumsum(seg)
-    seg_start = seg_end - seg
-    stream = np.empty(int(seg_end[-1]), np.int32)
-    tok_start = np.cumsum(tl) - tl
-    stream[np.repeat(seg_start - tok_start, tl) + np.arange(len(tokens))] = tokens
-    if dl:
-        stream[(seg_start + tl)[not_last][:, None] + np.arange(dl)] = delim
-    ex_end = seg_end[last]
-    ex_len = np.diff(ex_end, prepend=0)
-    lengths = np.minimum(ex_len, T)
-    starts = ex_end - lengths
-    short = np.flatnonzero((ex_len < T) & (cuts >= 0))
-    if len(short):
-        # Too few tokens but older turns left: encode only the tail of those
-        # older turns that is still needed (exact, by the delimiter contract:
-        # full = older + delimiter + newer).
-        need = np.maximum(T - ex_len[short] - dl, 0)
-        # One batched call; each example then keeps its own last need[j] tokens.
-        tails = encode_contexts([texts[i][: cuts[i]] for i in short], tokenizer, int(need.max()),
-                                chars_per_token=chars_per_token)
-        tails = [t[max(0, len(t) - int(k)) :] if k else [] for t, k in zip(tails, need)]
-        rows = []
-        for j, i in enumerate(short):
-            newer = stream[ex_end[i] - ex_len[i] : ex_end[i]].tolist()
-            rows.append((tails[j] + delim.tolist() + newer)[-T:])
-        extra, extra_len = _flatten(rows)
-        starts[short] = len(stream) + np.cumsum(extra_len) - extra_len
-        lengths[short] = extra_len
-        stream = np.concatenate([stream, extra])
-    return _TokenRows(stream, starts, lengths)
-
-
-def context_ids(texts: Sequence[str], tokenizer: Tokenizer, text_truncate: int, context_framing: str = "plain",
-                chars_per_token: float = DEFAULT_CHARS_PER_TOKEN) -> np.ndarray:
-    """Right-padded context rows [n, longest] exactly as training frames them
-    (left-truncated to ``text_truncate``, bart framing when configured): what
-    generation, chat and the judge-based evaluation feed the model."""
-    rows = _encode_context_rows([_as_text(t) for t in texts], tokenizer, text_truncate, chars_per_token)
-    if context_framing == "bart":
-        rows = rows.framed(tokenizer.start_id, tokenizer.end_id, text_truncate - 2)
-    return rows.padded(len(texts), max(rows.longest(), 1), tokenizer.pad_id)
-
-
-def _encode_label_rows(labels: list[str], tokenizer: Tokenizer, label_truncate: int) -> _TokenRows:
-    """Vectorised ``encode_labels``: first ``label_truncate - 1`` tokens, then end."""
-    tokens, tl = _encode_flat(tokenizer, labels)
-    keep = np.minimum(tl, label_truncate - 1)
-    src_start = np.cumsum(tl) - tl
-    lengths = keep + 1
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    stream = np.empty(int(ends[-1]) if len(tl) else 0, np.int32)
-    offs = np.arange(int(keep.sum())) - np.repeat(np.cumsum(keep) - keep, keep)
-    stream[np.repeat(starts, keep) + offs] = tokens[np.repeat(src_start, keep) + offs]
-    stream[ends - 1] = tokenizer.end_id
-    return _TokenRows(stream, starts, lengths)
 
 
 def _pick_bucket(buckets: tuple[int, ...], longest: int) -> int:
@@ -443,13 +299,8 @@ class BatchIterator:
         self._getitems = getattr(source, "__getitems__", None)
         # A token cache (token_cache.TokenizedSource) hands out ready token rows.
         self._token_rows = getattr(source, "token_rows", None)
-        if self._token_rows is not None and (
-            source.text_truncate != config.text_truncate or source.label_truncate != config.label_truncate
-        ):
-            raise ValueError(
-                f"token cache truncates to {source.text_truncate}/{source.label_truncate} tokens, "
-                f"config asks {config.text_truncate}/{config.label_truncate}"
-            )
+        if self._token_rows is not None and source.framing != config.framing:
+            raise ValueError(f"token cache was framed as {source.framing}, the config asks {config.framing}")
         self._tokenizer = tokenizer
         self._config = config
         self._process_index = int(process_index)
@@ -601,20 +452,18 @@ class BatchIterator:
         lo = self._process_index * b
         local_indices = global_indices[lo : lo + b]  # shorter than b only on a padded eval batch
         n = len(local_indices)
-        if self._token_rows is not None:  # a token cache: rows are ready, no tokenizing
+        if self._token_rows is not None:  # a token cache: rows are ready (framed), no tokenizing
             ctx_parts, lab_parts, cached_feedback = self._token_rows(local_indices)
-            ctx, lab = _TokenRows(*ctx_parts), _TokenRows(*lab_parts)
+            ctx, lab = TokenRows(*ctx_parts), TokenRows(*lab_parts)
             feedback_values = cached_feedback
         else:
             examples = self._read([int(i) for i in local_indices])
             contexts = [_as_text(ex["context"]) for ex in examples]
             labels = [_as_text(ex["label"]) for ex in examples]
-            ctx = _encode_context_rows(contexts, self._tokenizer, c.text_truncate, self._chars_per_token)
-            lab = _encode_label_rows(labels, self._tokenizer, c.label_truncate)
+            ctx = frame_context_rows(contexts, self._tokenizer, c.framing, self._chars_per_token)
+            lab = frame_label_rows(labels, self._tokenizer, c.framing)
             self._update_chars_per_token(labels, lab.lengths)
             feedback_values = [int(ex["feedback"]) for ex in examples]
-        if c.context_framing == "bart":  # rows hold the last text_truncate tokens: keep text_truncate - 2
-            ctx = ctx.framed(self._tokenizer.start_id, self._tokenizer.end_id, c.text_truncate - 2)
 
         longest = np.array([ctx.longest(), lab.longest()], np.int64)
         if self._length_sync is not None:

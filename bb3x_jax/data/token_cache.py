@@ -5,9 +5,9 @@ an in-process tokenizing pipeline tops out near 10,000 examples/s per core.
 Training reads every example many times with the same tokenizer and
 truncation, so the split is tokenized once (in parallel, in order) into flat
 token files plus offsets, memory-mapped afterwards. The cached rows are exactly
-what the pipeline's own encoders produce (tested): the context left-truncated
-to ``text_truncate`` tokens, the label cut to ``label_truncate - 1`` tokens plus
-the end token.
+what the framing's own encoders produce (``bb3x_jax.data.framing``, tested):
+the encoder input and the decoder target of each example, keyed by the
+tokenizer and the whole framing.
 
 Layout of a cache folder (written to a temporary name, then renamed, so a
 half-written cache is never used): ``context.bin``/``label.bin`` (flat token
@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from bb3x_jax.data import framing as framing_lib
 from bb3x_jax.data import parallel
+from bb3x_jax.data.framing import Framing
 from bb3x_jax.data.tokenizer import DEFAULT_CHARS_PER_TOKEN, Tokenizer, _as_text
 
 FORMAT = "bb3x_jax.token_cache/1"
@@ -34,14 +36,22 @@ _BLOCK = 2048
 
 
 def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """What identifies a tokenizer's ids: its own ``fingerprint`` (BPE) or a hash of its
+    sentencepiece model."""
+    own = getattr(tokenizer, "fingerprint", None)
+    if isinstance(own, str):
+        return own
     proto = getattr(tokenizer, "model_proto", None)
-    blob = proto if isinstance(proto, bytes) else repr(tokenizer).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    if not isinstance(proto, bytes):
+        raise TypeError(f"{type(tokenizer).__name__} has no fingerprint or model_proto to identify it by")
+    return hashlib.sha256(proto).hexdigest()[:16]
 
 
-def cache_dir(root: str, source_id: str, tokenizer: Tokenizer, text_truncate: int, label_truncate: int) -> str:
-    """Where the cache of (source, tokenizer, truncation) lives under ``root``."""
-    key = f"{source_id}|{tokenizer_fingerprint(tokenizer)}|{text_truncate}|{label_truncate}"
+def cache_dir(root: str, source_id: str, tokenizer: Tokenizer, framing: Framing) -> str:
+    """Where the cache of (source, tokenizer, framing) lives under ``root``."""
+    key = f"{source_id}|{tokenizer_fingerprint(tokenizer)}|{framing.text_truncate}|{framing.label_truncate}"
+    if framing != Framing(framing.text_truncate, framing.label_truncate):  # the default framing keeps its old key
+        key += "|" + json.dumps(framing.to_dict(), sort_keys=True)
     return os.path.join(root, "tokens-" + hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
@@ -49,21 +59,19 @@ def cache_dir(root: str, source_id: str, tokenizer: Tokenizer, text_truncate: in
 _W: dict[str, Any] = {}
 
 
-def _init(source, tokenizer, text_truncate: int, label_truncate: int) -> None:
-    _W.update(source=source, tokenizer=tokenizer, text_truncate=text_truncate, label_truncate=label_truncate)
+def _init(source, tokenizer, framing: Framing) -> None:
+    _W.update(source=source, tokenizer=tokenizer, framing=framing)
 
 
 def _encode_block(bounds: tuple[int, int]):
-    from bb3x_jax.data import pipeline
-
     start, stop = bounds
     source = _W["source"]
     getitems = getattr(source, "__getitems__", None)
     records = getitems(range(start, stop)) if getitems else [source[i] for i in range(start, stop)]
     contexts = [_as_text(r["context"]) for r in records]
     labels = [_as_text(r["label"]) for r in records]
-    ctx = pipeline._encode_context_rows(contexts, _W["tokenizer"], _W["text_truncate"], DEFAULT_CHARS_PER_TOKEN)
-    lab = pipeline._encode_label_rows(labels, _W["tokenizer"], _W["label_truncate"])
+    ctx = framing_lib.frame_context_rows(contexts, _W["tokenizer"], _W["framing"], DEFAULT_CHARS_PER_TOKEN)
+    lab = framing_lib.frame_label_rows(labels, _W["tokenizer"], _W["framing"])
     feedback = np.fromiter((int(r["feedback"]) for r in records), np.int8, count=len(records))
     return _compact(ctx), _compact(lab), feedback
 
@@ -79,13 +87,12 @@ def _compact(rows) -> tuple[np.ndarray, np.ndarray]:
 def build(
     source,
     tokenizer: Tokenizer,
-    text_truncate: int,
-    label_truncate: int,
+    framing: Framing,
     path: str,
     *,
     workers: int = 0,
 ) -> "TokenizedSource":
-    """Tokenizes every record of ``source`` into a cache at ``path`` (reused when present)."""
+    """Tokenizes and frames every record of ``source`` into a cache at ``path`` (reused when present)."""
     if os.path.exists(os.path.join(path, "meta.json")):
         return TokenizedSource(path)
     dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
@@ -100,7 +107,7 @@ def build(
         blocks = [(s, min(s + _BLOCK, n)) for s in range(0, n, _BLOCK)]
         results = parallel.ordered_map(
             _encode_block, blocks, workers=workers, initializer=_init,
-            initargs=(source, tokenizer, text_truncate, label_truncate),
+            initargs=(source, tokenizer, framing),
         )
         for ctx, lab, fb in results:
             for name, (tokens, lengths) in (("context", ctx), ("label", lab)):
@@ -116,8 +123,9 @@ def build(
             "format": FORMAT,
             "num_examples": n,
             "dtype": np.dtype(dtype).name,
-            "text_truncate": text_truncate,
-            "label_truncate": label_truncate,
+            "text_truncate": framing.text_truncate,
+            "label_truncate": framing.label_truncate,
+            "framing": framing.to_dict(),
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "pad_id": tokenizer.pad_id,
         }
@@ -170,6 +178,12 @@ class TokenizedSource:
     @property
     def label_truncate(self) -> int:
         return int(self.meta["label_truncate"])
+
+    @property
+    def framing(self) -> Framing:
+        """How the rows were framed (caches written before framings were recorded: the default)."""
+        return Framing.from_dict(self.meta.get("framing") or {"text_truncate": self.text_truncate,
+                                                              "label_truncate": self.label_truncate})
 
     def __len__(self) -> int:
         return int(self.meta["num_examples"])

@@ -140,6 +140,7 @@ class FeedbackClassifier(nnx.Module):
 def encode_pairs(contexts: Sequence[str | bytes], responses: Sequence[str | bytes], tokenizer,
                  max_len: int) -> np.ndarray:
     """Left-padded int32 rows [n, max_len]: context tail, separator (end id), whole response."""
+    from bb3x_jax.data import bpe
     from bb3x_jax.data import tokenizer as tokenizer_lib
 
     if len(contexts) != len(responses):
@@ -153,7 +154,7 @@ def encode_pairs(contexts: Sequence[str | bytes], responses: Sequence[str | byte
     responses_ids = [ids[: max_len - 1] for ids in encoded]
     room = [max_len - 1 - len(r) for r in responses_ids]
     # Left-truncated contexts, as long as the longest room needs (exact per row after the cut).
-    context_ids = tokenizer_lib.encode_contexts(list(contexts), tokenizer, max(max(room), 0))
+    context_ids = bpe.encode_contexts_exact(list(contexts), tokenizer, max(max(room), 0))
     for i, (ctx, resp, k) in enumerate(zip(context_ids, responses_ids, room)):
         row = (ctx[max(0, len(ctx) - k) :] if k > 0 else []) + [tokenizer.end_id] + resp
         out[i, max_len - len(row) :] = row

@@ -1,11 +1,22 @@
-"""ParlAI checkpoints (``{"model": state_dict, "opt": options}``) in and out.
+"""ParlAI checkpoints in and out, as ParlAI's ``TorchAgent.save`` writes them.
 
-The architecture comes from ``opt`` (ParlAI's option names); options this
-implementation cannot honour fail by name instead of being ignored. Keys are
-ParlAI's ``TransformerGeneratorModel`` names, with the fusion-in-decoder
-prefixes ``seq2seq_encoder.`` / ``seq2seq_decoder.`` of BB3-3B's checkpoint
-accepted; keys outside the generator (BB3's retriever) are listed in the load
-report, never silently dropped.
+A ParlAI checkpoint is three files: ``model`` (torch-saved ``{"model":
+state_dict, "optimizer": ..., ...}``), ``model.opt`` (the agent's options,
+JSON) and ``model.dict`` (the dictionary). The architecture comes from the
+options (ParlAI's option names); options this implementation cannot honour
+fail by name instead of being ignored. Files this project wrote before it
+wrote the three (``{"model": ..., "opt": ...}`` in one file) still load.
+Weights may be fp16 or fp32; optimizer state is never read. Keys are ParlAI's
+``TransformerGeneratorModel`` names, with the fusion-in-decoder prefixes
+``seq2seq_encoder.`` / ``seq2seq_decoder.`` of BB3-3B's checkpoint accepted;
+keys outside the generator (BB3's retriever) are listed in the load report,
+never silently dropped.
+
+``save_parlai`` writes the three files: the weights, the source checkpoint's
+options with the architecture (and the truncation a run trained with) set,
+and the source's dictionary unchanged, so that ParlAI's
+``create_agent_from_model_file`` builds the same agent and loads the weights
+strictly.
 
 ParlAI checkpoints are Python pickles: load only files you trust.
 """
@@ -13,17 +24,17 @@ ParlAI checkpoints are Python pickles: load only files you trust.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
 import numpy as np
 from flax import nnx
 
+from bb3x_jax.data import framing, tokenizer_files
 from bb3x_jax.model import convert
 from bb3x_jax.model.config import ACTIVATIONS, VARIANTS, ModelConfig
 
-# ParlAI model types whose decoder is seeded with [__end__, __start__] (first score dropped).
-_BART_MODELS = ("bart",)
 FID_PREFIXES = {"seq2seq_encoder.": "encoder.", "seq2seq_decoder.": "decoder."}
 
 
@@ -34,6 +45,8 @@ class LoadReport:
     path: str
     fid_prefixes: bool = False
     ignored_keys: list[str] = dataclasses.field(default_factory=list)  # outside the generator (e.g. retriever)
+    opt: dict[str, Any] = dataclasses.field(default_factory=dict)  # the options the architecture came from
+    opt_file: str = ""  # path.opt when the options came from there (ParlAI's own layout)
 
 
 def _layers(opt: dict[str, Any], key: str) -> int:
@@ -67,7 +80,7 @@ def config_from_opt(opt: dict[str, Any], vocab_size: int) -> ModelConfig:
     n_positions = opt.get("n_positions") or max(
         int(opt.get("truncate") or 0), int(opt.get("text_truncate") or 0), int(opt.get("label_truncate") or 0), 1024
     )
-    bart = opt.get("model") in _BART_MODELS
+    bart = framing.is_bart_agent(opt)
     return ModelConfig(
         arch="encoder_decoder",
         vocab_size=vocab_size,
@@ -176,20 +189,35 @@ def _split_generator_keys(state: dict[str, Any], report: LoadReport) -> dict[str
     return dict(state)
 
 
-def load_parlai(path: str, *, rngs: nnx.Rngs | None = None):
-    """(model, config, report) from a ParlAI checkpoint file."""
-    from bb3x_jax.model import transformer
+def read_checkpoint(path: str) -> tuple[Any, dict[str, Any], str]:
+    """(the torch-saved dict, the options, the options file or '') of a ParlAI model file.
 
+    The options are ``path.opt`` (ParlAI's layout); a file without one must
+    hold them itself (this project's earlier single-file layout).
+    """
     from bb3x_jax.model import hf
 
     checkpoint = hf.torch_load(path, weights_only=False)  # memory-mapped: tensors are read as they are used
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "opt" not in checkpoint:
-        raise convert.CheckpointMismatch(f"{path}: not a ParlAI checkpoint (a dict with 'model' and 'opt')")
-    report = LoadReport(path=path)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise convert.CheckpointMismatch(f"{path}: not a ParlAI checkpoint (a dict with 'model')")
+    if os.path.isfile(tokenizer_files.parlai_opt_path(path)):
+        return checkpoint, tokenizer_files.read_parlai_opt(path), tokenizer_files.parlai_opt_path(path)
+    if isinstance(checkpoint.get("opt"), dict):
+        return checkpoint, dict(checkpoint["opt"]), ""
+    tokenizer_files.read_parlai_opt(path)  # raises, naming the missing path.opt
+    raise AssertionError("unreachable")
+
+
+def load_parlai(path: str, *, rngs: nnx.Rngs | None = None):
+    """(model, config, report) from a ParlAI checkpoint (model file; ``.opt`` beside it)."""
+    from bb3x_jax.model import transformer
+
+    checkpoint, opt, opt_file = read_checkpoint(path)
+    report = LoadReport(path=path, opt=opt, opt_file=opt_file)
     state = _split_generator_keys(checkpoint["model"], report)
     if "embeddings.weight" not in state:
         raise convert.CheckpointMismatch(f"{path}: no 'embeddings.weight' (shared embeddings) in the model state")
-    cfg = config_from_opt(dict(checkpoint["opt"]), vocab_size=int(state["embeddings.weight"].shape[0]))
+    cfg = config_from_opt(opt, vocab_size=int(state["embeddings.weight"].shape[0]))
     start = checkpoint["model"].get("START")
     if start is not None and [int(x) for x in convert._to_numpy(start).reshape(-1)] != [cfg.start_id]:
         raise convert.CheckpointMismatch(f"{path}: START buffer {start} differs from the start id {cfg.start_id}")
@@ -203,13 +231,50 @@ def state_dict_for_parlai(model, cfg: ModelConfig) -> dict[str, np.ndarray]:
     return convert.export_state_dict(model, *table(cfg))
 
 
-def save_parlai(model, cfg: ModelConfig, path: str, *, extra_opt: dict[str, Any] | None = None) -> None:
-    """Writes ``{"model": state_dict, "opt": opt}`` as ParlAI's ``torch.save`` files are."""
+# Options of a source checkpoint that name another machine's files or run; ParlAI fills the
+# missing ones with its defaults when it loads the export (as for its own saved options).
+_STALE_OPT_KEYS = ("datapath", "parlai_home", "download_path", "starttime", "override")
+
+
+def export_opt(cfg: ModelConfig, path: str, base_opt: dict[str, Any] | None = None,
+               truncation: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The ``.opt`` of an export: the source's options, with this model's architecture, the export's
+    own file names, and (after training here) the truncation the model was trained with."""
+    opt = {k: v for k, v in (base_opt or {}).items() if k not in _STALE_OPT_KEYS}
+    opt.update(opt_from_config(cfg))
+    if base_opt and base_opt.get("model"):
+        opt["model"] = base_opt["model"]  # e.g. a FiD agent that generates with bart
+    opt["model_file"] = os.path.abspath(path)
+    opt["dict_file"] = os.path.abspath(path) + ".dict"
+    opt["init_model"] = None  # the weights are the model file's
+    if truncation is not None:
+        opt["text_truncate"], opt["label_truncate"] = int(truncation[0]), int(truncation[1])
+    return opt
+
+
+def save_parlai(model, cfg: ModelConfig, path: str, *, dict_file: str, base_opt: dict[str, Any] | None = None,
+                truncation: tuple[int, int] | None = None, bpe_files: tuple[str, str] | None = None) -> list[str]:
+    """Writes ``path``, ``path.opt`` and ``path.dict`` (a copy of ``dict_file``, unchanged) as ParlAI's
+    ``agent.save`` lays them out; ``bpe_files`` (GPT-2's ``encoder.json`` / ``vocab.bpe``) are copied
+    beside them so that ``bb3x_jax.load`` finds them (ParlAI itself reads them from its datapath).
+    Returns the files written."""
+    import shutil
+
     import torch
 
     state = {k: torch.from_numpy(v) for k, v in state_dict_for_parlai(model, cfg).items()}
     # Tied entries share one tensor, as in a ParlAI model's state dict.
     state["encoder.embeddings.weight"] = state["decoder.embeddings.weight"] = state["embeddings.weight"]
     state["START"] = torch.tensor([cfg.start_id])
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save({"model": state, "opt": {**opt_from_config(cfg), **(extra_opt or {})}}, path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    torch.save({"model": state}, path)
+    with open(tokenizer_files.parlai_opt_path(path), "w") as f:
+        json.dump(export_opt(cfg, path, base_opt, truncation), f, indent=4)
+    shutil.copyfile(dict_file, path + ".dict")
+    written = [path, tokenizer_files.parlai_opt_path(path), path + ".dict"]
+    for source, name in zip(bpe_files or (), ("encoder.json", "vocab.bpe")):
+        if os.path.abspath(source) != os.path.join(folder, name):
+            shutil.copyfile(source, os.path.join(folder, name))
+        written.append(os.path.join(folder, name))
+    return written

@@ -93,8 +93,8 @@ def generation_metrics(config: config_dict.ConfigDict, setup, params, split: str
     network = nnx.merge(setup.graphdef, params, setup.rest)
     return generation_eval.evaluate_generations(
         network, setup.tokenizer, examples, config_lib.generation_settings(config),
-        text_truncate=config.data.text_truncate, context_framing=config.data.context_framing,
-        batch_size=config.eval.generate_batch, judge=judge, reasons=reasons, seed=config.seed,
+        framing=config_lib.framing(config), batch_size=config.eval.generate_batch, judge=judge, reasons=reasons,
+        seed=config.seed,
     ), examples
 
 

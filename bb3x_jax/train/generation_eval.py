@@ -27,7 +27,8 @@ import jax
 import numpy as np
 
 from bb3x_jax import decoding
-from bb3x_jax.data import pipeline
+from bb3x_jax.data import framing as framing_lib
+from bb3x_jax.data.framing import Framing
 from bb3x_jax.data.tokenizer import _as_text
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -60,18 +61,18 @@ def response_text(tokenizer, ids: Sequence[int]) -> str:
 
 
 def generate_texts(network, tokenizer, contexts: Sequence[str], settings: decoding.Settings, *,
-                   text_truncate: int, context_framing: str, batch_size: int, seed: int = 0) -> list[str]:
-    """Responses to ``contexts`` (texts in the release's framing), in batches of a fixed
-    shape so that the search compiles once."""
+                   framing: Framing, batch_size: int, seed: int = 0) -> list[str]:
+    """Responses to ``contexts`` (texts in the release's format), framed as training framed
+    them, in batches of a fixed shape so that the search compiles once."""
     from flax import nnx
 
     graphdef, state = nnx.split(network)
     search = decoding.compiled_search(graphdef, settings)
-    width = text_truncate  # bart framing keeps text_truncate - 2 tokens plus two
+    width = framing.text_truncate  # every framing fits its contexts in text_truncate tokens
     out: list[str] = []
     for start in range(0, len(contexts), batch_size):
         chunk = list(contexts[start : start + batch_size])
-        ids = pipeline.context_ids(chunk, tokenizer, text_truncate, context_framing)
+        ids = framing_lib.context_ids(chunk, tokenizer, framing)
         rows = np.full((batch_size, width), tokenizer.pad_id, np.int32)
         rows[: len(chunk), : ids.shape[1]] = ids
         rows[len(chunk) :, 0] = tokenizer.end_id  # filler rows: never empty
@@ -91,15 +92,15 @@ def judge_summary(verdicts: Sequence[str], reasons: Sequence[str] = ()) -> dict[
 
 
 def evaluate_generations(network, tokenizer, examples: Sequence[dict], settings: decoding.Settings, *,
-                         text_truncate: int, context_framing: str, batch_size: int,
+                         framing: Framing, batch_size: int,
                          judge: Callable[[list[str], list[str]], list[str]] | None, reasons: Sequence[str] = (),
                          seed: int = 0, samples: int = 5) -> dict[str, Any]:
     """F1 and (with a judge) the judge's summary of generations for ``examples``
     (dicts with ``context`` and ``label`` texts); a few samples to read."""
     contexts = [_as_text(e["context"]) for e in examples]
     labels = [_as_text(e["label"]) for e in examples]
-    responses = generate_texts(network, tokenizer, contexts, settings, text_truncate=text_truncate,
-                               context_framing=context_framing, batch_size=batch_size, seed=seed)
+    responses = generate_texts(network, tokenizer, contexts, settings, framing=framing, batch_size=batch_size,
+                               seed=seed)
     result: dict[str, Any] = {
         "examples": len(examples),
         "f1": float(np.mean([f1_score(r, l) for r, l in zip(responses, labels)])) if examples else 0.0,

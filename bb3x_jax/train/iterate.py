@@ -44,7 +44,6 @@ from ml_collections import config_dict
 from bb3x_jax import config as config_lib
 from bb3x_jax.data import dataset, generated, schema
 from bb3x_jax.data.tokenizer import _as_text
-from bb3x_jax.train import checkpoint as checkpoint_lib
 from bb3x_jax.train import eval_run, generation_eval, loop
 from bb3x_jax.train import setup as setup_lib
 
@@ -119,17 +118,16 @@ def generate_split(config: config_dict.ConfigDict, workdir: str, iteration: int,
     from flax import nnx
 
     started = time.perf_counter()
-    cfg = derived_config(config, workdir, {"train.init_from": ""})  # the weights come from `checkpoint`
+    # The model (architecture and weights) and its tokenizer are those of `checkpoint`.
+    cfg = derived_config(config, workdir, {"train.init_from": checkpoint})
     setup = setup_lib.Setup(cfg, workdir, with_optimizer=False)
-    directory, step = os.path.dirname(checkpoint), int(os.path.basename(checkpoint))
-    params, _ = checkpoint_lib.read_params(directory, checkpoint_lib.abstract(setup.params), step)
     records = draw_contexts(dataset.source(setup.built, "train"), config.iterate.contexts, config.seed, iteration)
     contexts = [_as_text(r["context"]) for r in records]
-    network = nnx.merge(setup.graphdef, params, setup.rest)
+    network = nnx.merge(setup.graphdef, setup.params, setup.rest)
     settings = config_lib.generation_settings(config)
     responses = generation_eval.generate_texts(
-        network, setup.tokenizer, contexts, settings, text_truncate=config.data.text_truncate,
-        context_framing=config.data.context_framing, batch_size=config.eval.generate_batch,
+        network, setup.tokenizer, contexts, settings, framing=config_lib.framing(cfg),
+        batch_size=config.eval.generate_batch,
         seed=config.seed + iteration,
     )
     generated_s = time.perf_counter() - started

@@ -20,9 +20,10 @@ labelled or not.
 
 It writes ``<workdir>/judge/`` (or ``judge.path``) atomically (a temporary folder renamed into
 place, so a half-written judge is never loaded): ``params.npz`` (parameters by
-path), ``meta.json`` (classifier config, tokenizer path and fingerprint,
-training settings), ``report.json`` (the metrics) and ``tokenizer.model`` (a
-copy, used when the recorded tokenizer path is gone).
+path), ``meta.json`` (classifier config, tokenizer source and fingerprint,
+training settings), ``report.json`` (the metrics) and ``tokenizer/`` (a copy of
+the tokenizer's files, ``bb3x_jax.data.tokenizer_files``; judges written
+before that kept a sentencepiece ``tokenizer.model``, still read).
 
 ``load_judge(directory)`` gives a ``FeedbackJudge``: ``verdicts(contexts,
 responses)`` -> "good" / "bad" per pair (fixed batch shape, compiled once) and
@@ -47,7 +48,7 @@ import optax
 from flax import nnx
 from ml_collections import config_dict
 
-from bb3x_jax.data import schema
+from bb3x_jax.data import schema, tokenizer_files
 from bb3x_jax.data import tokenizer as tokenizer_lib
 from bb3x_jax.model import classifier as classifier_lib
 
@@ -56,7 +57,8 @@ JUDGE_DIR = "judge"
 PARAMS_FILE = "params.npz"
 META_FILE = "meta.json"
 REPORT_FILE = "report.json"
-TOKENIZER_COPY = "tokenizer.model"
+TOKENIZER_BUNDLE = "tokenizer"
+TOKENIZER_COPY = "tokenizer.model"  # what judges written before bundles kept
 GOOD, BAD = "good", "bad"
 BAD_REASONS = (BAD,)
 PREDICT_BATCH = 256  # rows per compiled prediction call during evaluation
@@ -231,7 +233,7 @@ class JudgeLoadError(ValueError):
     """A judge directory that exists but cannot be used (corrupt, incomplete, mismatched)."""
 
 
-def write_judge(directory: str, params, meta: dict, report: dict, tokenizer) -> None:
+def write_judge(directory: str, params, meta: dict, report: dict, tokenizer_spec) -> None:
     """Writes the judge into a temporary sibling folder, then renames it to ``directory``.
 
     A reader sees the old judge, no judge (for the instant between the two
@@ -244,14 +246,14 @@ def write_judge(directory: str, params, meta: dict, report: dict, tokenizer) -> 
     try:
         os.chmod(tmp, 0o755)
         np.savez(os.path.join(tmp, PARAMS_FILE), **classifier_lib.flat_params(params))
-        with open(os.path.join(tmp, TOKENIZER_COPY), "wb") as f:
-            f.write(tokenizer.model_proto)
+        tokenizer_files.save_bundle(tokenizer_spec, os.path.join(tmp, TOKENIZER_BUNDLE))
         for name, content in ((META_FILE, meta), (REPORT_FILE, report)):
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(content, f, indent=1)
-        for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
+        for folder, _, names in os.walk(tmp):
+            for name in names:
+                with open(os.path.join(folder, name), "rb") as f:
+                    os.fsync(f.fileno())
         old = None
         if os.path.exists(directory):
             old = tmp + ".old"
@@ -311,7 +313,7 @@ def load_judge(directory: str) -> FeedbackJudge:
             raise JudgeLoadError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
         cfg = classifier_lib.ClassifierConfig.from_dict(meta["classifier"])
         fingerprint = meta["tokenizer"]["fingerprint"]
-        recorded = meta["tokenizer"]["path"]
+        recorded = meta["tokenizer"].get("path", "")
     except FileNotFoundError:
         raise JudgeLoadError(f"{directory} is not a complete feedback classifier: {META_FILE} is missing") from None
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -321,8 +323,16 @@ def load_judge(directory: str) -> FeedbackJudge:
     tokenizer = None
     from bb3x_jax.data import token_cache
 
-    for path in (recorded, os.path.join(directory, TOKENIZER_COPY)):
-        if not os.path.isfile(path):
+    bundle = os.path.join(directory, TOKENIZER_BUNDLE)
+    if os.path.isdir(bundle):
+        try:
+            tokenizer = tokenizer_files.load(tokenizer_files.read_bundle(bundle))
+        except (OSError, RuntimeError, ValueError) as error:
+            raise JudgeLoadError(f"{bundle}: the judge's tokenizer does not load ({error})") from None
+        if token_cache.tokenizer_fingerprint(tokenizer) != fingerprint:
+            raise JudgeLoadError(f"{bundle}: tokenizer fingerprint differs from {meta_path}'s {fingerprint}")
+    for path in (recorded, os.path.join(directory, TOKENIZER_COPY)) if tokenizer is None else ():
+        if not path or not os.path.isfile(path):  # judges written before bundles: a sentencepiece copy
             continue
         try:
             candidate = tokenizer_lib.SentencePieceTokenizer.load(path)
@@ -332,8 +342,9 @@ def load_judge(directory: str) -> FeedbackJudge:
             tokenizer = candidate
             break
     if tokenizer is None:
-        raise JudgeLoadError(f"{directory}: no tokenizer with fingerprint {fingerprint} (looked at {recorded} and "
-                             f"{os.path.join(directory, TOKENIZER_COPY)}); the judge was trained with another one")
+        raise JudgeLoadError(f"{directory}: no tokenizer with fingerprint {fingerprint} (looked at {bundle}, "
+                             f"{recorded} and {os.path.join(directory, TOKENIZER_COPY)}); the judge was trained "
+                             "with another one")
     if tokenizer.vocab_size > cfg.vocab_size:
         raise JudgeLoadError(f"{directory}: tokenizer has {tokenizer.vocab_size} pieces, the classifier "
                              f"{cfg.vocab_size}")
@@ -404,6 +415,7 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
 
     j = config.judge
     built, tokenizer = dataset.prepare_with_tokenizer(config, workdir)
+    spec = dataset.tokenizer_spec(config, built)
     cfg = classifier_config(config, tokenizer)
 
     started = time.perf_counter()
@@ -447,8 +459,8 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
     meta = {
         "format": FORMAT,
         "classifier": cfg.to_dict(),
-        "tokenizer": {"path": os.path.abspath(dataset.tokenizer_path(config, built)),
-                      "fingerprint": token_cache.tokenizer_fingerprint(tokenizer), "copy": TOKENIZER_COPY},
+        "tokenizer": {"source": spec.source, "kind": spec.kind,
+                      "fingerprint": token_cache.tokenizer_fingerprint(tokenizer), "bundle": TOKENIZER_BUNDLE},
         "max_len": cfg.max_len, "steps": j.steps, "seed": config.seed, "batch_size": j.batch_size,
         "learning_rate": j.learning_rate, "weight_decay": j.weight_decay, "threshold": 0.5,
         "stream": config.data.stream, "dataset": built.builder_config.name, "data_dir": str(built.data_dir),
@@ -457,7 +469,7 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
     from bb3x_jax.train.eval_run import judge_path
 
     directory = os.path.abspath(judge_path(config, workdir))  # judge.path, else <workdir>/judge
-    write_judge(directory, params, meta, report, tokenizer)
+    write_judge(directory, params, meta, report, spec)
     print(f"\nfeedback classifier -> {directory}")
     print(format_report(report))
     print(json.dumps({"judge": directory, **report}))

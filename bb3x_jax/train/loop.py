@@ -28,7 +28,7 @@ from ml_collections import config_dict
 from tqdm import tqdm
 
 from bb3x_jax import config as config_lib
-from bb3x_jax.data import pipeline
+from bb3x_jax.data import pipeline, tokenizer_files
 from bb3x_jax.train import checkpoint as checkpoint_lib
 from bb3x_jax.train import evaluate as eval_lib
 from bb3x_jax.train import metrics_log
@@ -133,6 +133,9 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
         print(f"Resumed from {checkpoints.directory}/{start_step}")
         if train.init_from:
             logging.info("train.init_from ignored: the run resumes from its own checkpoint")
+    if jax.process_index() == 0:  # the tokenizer and framing go with the model (chat, generate, export)
+        tokenizer_files.save_bundle(setup.tokenizer_spec, os.path.join(workdir, tokenizer_files.BUNDLE_DIR),
+                                    framing=config_lib.framing(config, setup.tokenizer_spec).to_dict())
     log = metrics_log.MetricsLog(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
     ckpt_every = config.checkpoint.every_steps
     eval_every = train.eval_every

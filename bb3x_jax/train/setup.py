@@ -36,6 +36,7 @@ class Setup:
         self.workdir = workdir
         self.mesh = sharding.make_mesh(config.mesh.to_dict())
         self.built, self.tokenizer = dataset.prepare_with_tokenizer(config, workdir) if with_data else (None, None)
+        self.tokenizer_spec = dataset.tokenizer_spec(config, self.built) if with_data else None
         self.model_cfg, model = init_model(config, self.tokenizer, self.mesh)
         self.pad_id = self.model_cfg.pad_id
         if not with_optimizer:  # inference only: parameters, no optimizer state
@@ -92,8 +93,12 @@ def init_model(config: config_dict.ConfigDict, tokenizer, mesh):
 
     from bb3x_jax.model import api
 
-    loaded = api.load(path)
+    try:
+        loaded = api.load(path, bpe_dir=config.data.tokenizer.bpe_dir)
+    except (OSError, ValueError) as error:  # a missing or unreadable checkpoint file is the user's to fix
+        raise config_lib.ConfigError("train.init_from", str(error)) from None
     cfg = loaded.config.replace(**config_lib.model_overrides(config))
+    config_lib.check_positions(config, cfg, "train.init_from", path)
     if tokenizer is not None:
         ids = {"pad_id": tokenizer.pad_id, "end_id": tokenizer.end_id}
         wrong = {k: (getattr(cfg, k), v) for k, v in ids.items() if getattr(cfg, k) != v}

@@ -9,6 +9,7 @@ import os
 import pytest
 
 from bb3x_jax.data import generated
+from bb3x_jax.data.framing import Framing
 
 
 def _examples(positives: int, negatives: int, repeat_positive: int = 1):
@@ -79,7 +80,7 @@ def test_concatenated_token_caches_give_each_source_rows_in_request_order(tmp_pa
 
     first = [{"context": f"hello there\nhow are you {i}", "label": f"fine {i}", "feedback": i % 2} for i in range(5)]
     second = [{"context": f"tell me {i} things", "label": f"no no {i}", "feedback": 1} for i in range(3)]
-    caches = [token_cache.build(src, tokenizer, 16, 8, str(tmp_path / name))
+    caches = [token_cache.build(src, tokenizer, Framing(16, 8), str(tmp_path / name))
               for src, name in ((first, "a"), (second, "b"))]
     both = generated.ConcatRecords(caches)
     assert both.text_truncate == 16 and both.label_truncate == 8

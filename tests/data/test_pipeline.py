@@ -14,16 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bb3x_jax.data.framing import encode_context_rows, encode_label_rows, pad_rows
 from bb3x_jax.data.pipeline import (
     BATCH_KEYS,
     BatchIterator,
     PipelineConfig,
-    _encode_context_rows,
-    _encode_label_rows,
     epoch_permutation,
     global_batch_to_device,
     measure_throughput,
-    pad_rows,
 )
 from bb3x_jax.data.tokenizer import encode_context, encode_label
 
@@ -108,14 +106,14 @@ def test_vectorised_encoders_match_reference(source, tokenizer, chars_per_token)
     """The numpy fast path equals the list reference for any first guess (short guesses take the exact fallback)."""
     texts = [ex["context"].decode() for ex in source] + ["", "\n", "a\n\nb\n"]
     for T in (1, 5, 33, 200):
-        rows = _encode_context_rows(texts, tokenizer, T, chars_per_token)
+        rows = encode_context_rows(texts, tokenizer, T, chars_per_token)
         ref = pad_rows([tokenizer.encode(t)[-T:] for t in texts], len(texts) + 3, T)
         np.testing.assert_array_equal(rows.padded(len(texts) + 3, T, 0), ref)
-        labels = _encode_label_rows(texts, tokenizer, T)
+        labels = encode_label_rows(texts, tokenizer, T)
         np.testing.assert_array_equal(labels.padded(len(texts), T, 0),
                                       pad_rows([encode_label(t, tokenizer, T) for t in texts], len(texts), T))
         assert labels.longest() <= T
-    empty = _encode_context_rows([], tokenizer, 8, 4.0)
+    empty = encode_context_rows([], tokenizer, 8, 4.0)
     assert empty.padded(2, 8, 0).shape == (2, 8) and not empty.padded(2, 8, 0).any()
 
 

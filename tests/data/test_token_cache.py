@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bb3x_jax.data import pipeline, token_cache
+from bb3x_jax.data.framing import Framing
 
 
 def _source(n=300, seed=0):
@@ -25,13 +26,16 @@ def _source(n=300, seed=0):
     ]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_cached_batches_equal_on_the_fly_batches(tmp_path, tokenizer, workers):
-    """Every batch from the cache equals the batch the tokenizing pipeline builds (any worker count)."""
+@pytest.mark.parametrize("workers, framing", [(0, {}), (2, {}),
+                                              (0, {"context_framing": "bart", "label_framing": "parlai",
+                                                   "global_end_token": True})])
+def test_cached_batches_equal_on_the_fly_batches(tmp_path, tokenizer, workers, framing):
+    """Every batch from the cache equals the batch the tokenizing pipeline builds (any worker count,
+    any framing)."""
     source = _source()
     config = pipeline.PipelineConfig(global_batch_size=32, text_truncate=40, label_truncate=12,
-                                     context_buckets=(16, 40), prefetch=0, num_epochs=2)
-    cached = token_cache.build(source, tokenizer, 40, 12, str(tmp_path / "cache"), workers=workers)
+                                     context_buckets=(16, 40), prefetch=0, num_epochs=2, **framing)
+    cached = token_cache.build(source, tokenizer, config.framing, str(tmp_path / "cache"), workers=workers)
     assert len(cached) == len(source)
     live = list(pipeline.BatchIterator(source, tokenizer, config, process_index=0, process_count=1))
     fast = list(pipeline.BatchIterator(cached, tokenizer, config, process_index=0, process_count=1))
@@ -44,18 +48,20 @@ def test_cached_batches_equal_on_the_fly_batches(tmp_path, tokenizer, workers):
 def test_cache_is_reused_and_checked(tmp_path, tokenizer):
     """A finished cache is reopened, a mismatched truncation is refused, and no temp dir is left."""
     path = str(tmp_path / "cache")
-    first = token_cache.build(_source(50), tokenizer, 40, 12, path)
+    first = token_cache.build(_source(50), tokenizer, Framing(40, 12), path)
     mtime = os.path.getmtime(os.path.join(path, "meta.json"))
-    again = token_cache.build(_source(50), tokenizer, 40, 12, path)
+    again = token_cache.build(_source(50), tokenizer, Framing(40, 12), path)
     assert os.path.getmtime(os.path.join(path, "meta.json")) == mtime and len(again) == len(first)
     assert [p for p in os.listdir(tmp_path) if p.startswith(".incomplete")] == []
-    with pytest.raises(ValueError, match="token cache truncates to 40/12"):
+    with pytest.raises(ValueError, match="token cache was framed as"):
         pipeline.BatchIterator(first, tokenizer, pipeline.PipelineConfig(global_batch_size=8), process_index=0, process_count=1)
 
 
-def test_cache_key_depends_on_tokenizer_and_truncation(tmp_path, tokenizer):
-    """Another truncation (or tokenizer) gets another cache folder, never a stale one."""
-    a = token_cache.cache_dir(str(tmp_path), "src", tokenizer, 40, 12)
-    b = token_cache.cache_dir(str(tmp_path), "src", tokenizer, 41, 12)
-    c = token_cache.cache_dir(str(tmp_path), "other", tokenizer, 40, 12)
-    assert len({a, b, c}) == 3
+def test_cache_key_depends_on_tokenizer_and_framing(tmp_path, tokenizer):
+    """Another truncation, framing or tokenizer gets another cache folder, never a stale one."""
+    a = token_cache.cache_dir(str(tmp_path), "src", tokenizer, Framing(40, 12))
+    b = token_cache.cache_dir(str(tmp_path), "src", tokenizer, Framing(41, 12))
+    c = token_cache.cache_dir(str(tmp_path), "other", tokenizer, Framing(40, 12))
+    d = token_cache.cache_dir(str(tmp_path), "src", tokenizer, Framing(40, 12, context="bart"))
+    e = token_cache.cache_dir(str(tmp_path), "src", tokenizer, Framing(40, 12, label="parlai"))
+    assert len({a, b, c, d, e}) == 5

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
 
+from bb3x_jax.data import bpe
 from bb3x_jax.model import convert, parlai
 from tests.model import hf_fixtures
 
@@ -19,7 +22,11 @@ def test_blenderbot_to_parlai_file_and_back(tmp_path):
     model = hf_fixtures.new_model(cfg)
     convert.load_state_dict(model, hf.state_dict(), *convert.hf_blenderbot_table(cfg))
     path = str(tmp_path / "model.pt")
-    parlai.save_parlai(model, cfg, path)
+    bpe.write_parlai_dict(tmp_path / "source.dict", [f"tok{i}" for i in range(cfg.vocab_size)])
+    written = parlai.save_parlai(model, cfg, path, dict_file=str(tmp_path / "source.dict"))
+    assert written == [path, path + ".opt", path + ".dict"]  # ParlAI's three files, the options outside the weights
+    assert set(torch.load(path, weights_only=True)) == {"model"}
+    assert open(path + ".dict").read() == open(tmp_path / "source.dict").read()
     again, cfg2, report = parlai.load_parlai(path)
     # ParlAI's generator masks the __start__ logit; everything else is the same architecture.
     assert cfg2 == cfg.replace(mask_start_logit=True) and report.ignored_keys == [] and not report.fid_prefixes
@@ -101,9 +108,12 @@ def test_logits_equal_parlai_transformer_generator(tmp_path, variant):
     np.testing.assert_allclose(ours, ref_scores.numpy(), atol=1e-4, rtol=0)
 
     # Export: ParlAI's own model loads our file (strict) and gives the same logits.
-    parlai.save_parlai(model, cfg, str(tmp_path / "export.pt"))
-    exported = torch.load(tmp_path / "export.pt", weights_only=False)
-    rebuilt = TransformerGeneratorModel({**opt, **exported["opt"]}, _Dictionary(67)).eval()
+    bpe.write_parlai_dict(tmp_path / "ref.dict", [f"tok{i}" for i in range(67)])
+    parlai.save_parlai(model, cfg, str(tmp_path / "export.pt"), dict_file=str(tmp_path / "ref.dict"))
+    exported = torch.load(tmp_path / "export.pt", weights_only=True)
+    with open(tmp_path / "export.pt.opt") as f:
+        exported_opt = json.load(f)
+    rebuilt = TransformerGeneratorModel({**opt, **exported_opt}, _Dictionary(67)).eval()
     rebuilt.load_state_dict(exported["model"], strict=True)
     with torch.no_grad():
         again, _, _ = rebuilt(xs, ys=ys)

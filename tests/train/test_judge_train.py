@@ -173,11 +173,12 @@ def test_train_judge_writes_the_judge_and_a_consistent_report(judged):
     [0, 1] and its counts add up (labelled = good + bad, examples = labelled + unlabeled, confusion = counts)."""
     workdir, stdout = judged
     directory = os.path.join(workdir, "judge")
-    assert sorted(os.listdir(directory)) == ["meta.json", "params.npz", "report.json", "tokenizer.model"]
+    assert sorted(os.listdir(directory)) == ["meta.json", "params.npz", "report.json", "tokenizer"]
+    assert sorted(os.listdir(os.path.join(directory, "tokenizer"))) == ["bb3x_tokenizer.json", "sentencepiece.model"]
     assert not [n for n in os.listdir(workdir) if ".tmp-" in n or n.endswith(".old")]
     meta = json.load(open(os.path.join(directory, "meta.json")))
     assert meta["max_len"] == 48 and meta["steps"] == 30 and meta["seed"] == 0
-    assert os.path.isfile(meta["tokenizer"]["path"]) and len(meta["tokenizer"]["fingerprint"]) == 16
+    assert meta["tokenizer"]["kind"] == "sentencepiece" and len(meta["tokenizer"]["fingerprint"]) == 16
     assert meta["classifier"]["d_model"] == 32 and meta["classifier"]["n_layers"] == 1
     report = json.load(open(os.path.join(directory, "report.json")))
     train = report["train"]
