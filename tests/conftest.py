@@ -34,8 +34,9 @@ def pytest_runtest_setup(item):
         if error:
             pytest.fail(f"this test compares with ParlAI, which is not importable ({error}); install it with "
                         f"`{PARLAI_INSTALL}`, or deselect with -m \"not parlai\"", pytrace=False)
-    if item.get_closest_marker("parlai_projects") is not None:
-        error = _import_error("projects.cringe.cringe_loss")
+    marker = item.get_closest_marker("parlai_projects")
+    if marker is not None:
+        error = _import_error(marker.args[0] if marker.args else "projects.cringe.cringe_loss")
         if error:
             pytest.skip(f"needs ParlAI's projects/ code, which its wheel lacks ({error}); put a ParlAI 1.7.2 "
                         "source checkout on PYTHONPATH to run it")

@@ -184,10 +184,10 @@ def load(path: str, *, bpe_dir: str = "") -> BB3Model:
     from bb3x_jax.model import hf
 
     checkpoint = hf.torch_load(path, weights_only=False)  # memory-mapped: only a peek at the keys
-    is_parlai = isinstance(checkpoint, dict) and "model" in checkpoint and (
-        "opt" in checkpoint or os.path.isfile(tokenizer_files.parlai_opt_path(path))
-        or os.path.isfile(path + ".dict"))
-    if is_parlai:
+    if isinstance(checkpoint, dict) and ("cfg" in checkpoint or "args" in checkpoint):
+        del checkpoint  # a metaseq file torch cannot memory-map (legacy format): the loader reads it again
+        return _load_metaseq(path, bpe_dir)
+    if isinstance(checkpoint, dict) and "model" in checkpoint:  # ParlAI's weights file
         del checkpoint  # the loader maps the file again; never hold two copies
         from bb3x_jax.model import parlai
 
@@ -203,9 +203,6 @@ def load(path: str, *, bpe_dir: str = "") -> BB3Model:
         else:
             model.tokenizer_problem = f"{path}: no {os.path.basename(path)}.dict beside it"
         return model
-    if isinstance(checkpoint, dict) and ("cfg" in checkpoint or "args" in checkpoint):
-        del checkpoint  # a metaseq file torch cannot memory-map (legacy format): the loader reads it again
-        return _load_metaseq(path, bpe_dir)
     raise ValueError(f"{path}: not a ParlAI checkpoint (a dict with 'model', and {os.path.basename(path)}.opt "
                      "beside it)")
 

@@ -52,17 +52,28 @@ def test_logits_decoder_only_concatenate_context_and_label(tmp_path):
 
 
 def test_convert_command_round_trip(tmp_path):
-    """convert hf -> parlai -> hf keeps every parameter bit-exact."""
+    """convert ParlAI -> parlai and ParlAI -> orbax -> parlai keep every parameter bit-exact and the
+    dictionary byte for byte; a model without a ParlAI dictionary is refused in one line."""
+    from tests import checkpoint_fixtures as fx
+
+    encoder, _ = fx.gpt2_bpe(str(tmp_path / "src"))
+    source = fx.parlai_trio_by_hand(str(tmp_path / "src" / "model"), encoder)
+    run = lambda *a, check=True: subprocess.run([sys.executable, "-m", "bb3x_jax.convert", *a], cwd=REPO,  # noqa: E731
+                                                capture_output=True, text=True, check=check)
+    out = json.loads(run(source, str(tmp_path / "m.pt"), "--to", "parlai").stdout.strip().splitlines()[-1])
+    assert out["parameters"] > 0 and out["variant"] == "prelayernorm"
+    assert out["written"][:3] == [str(tmp_path / "m.pt"), str(tmp_path / "m.pt.opt"), str(tmp_path / "m.pt.dict")]
+    run(source, str(tmp_path / "ox"), "--to", "orbax")
+    run(str(tmp_path / "ox"), str(tmp_path / "again" / "model"), "--to", "parlai")
+    original = bb3x_jax.load(source)
+    for path in (str(tmp_path / "m.pt"), str(tmp_path / "ox"), str(tmp_path / "again" / "model")):
+        assert api.count_mismatch(original, bb3x_jax.load(path)) == 0, path
+    assert open(tmp_path / "again" / "model.dict", "rb").read() == open(source + ".dict", "rb").read()
     hf, _ = hf_fixtures.tiny_blenderbot()
     hf.save_pretrained(tmp_path / "bb")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "bb3x_jax.convert", *a], cwd=REPO,
-                                    capture_output=True, text=True, check=True)
-    out = json.loads(run(str(tmp_path / "bb"), str(tmp_path / "m.pt"), "--to", "parlai").stdout.strip().splitlines()[-1])
-    assert out["parameters"] > 0 and out["variant"] == "prelayernorm"
-    run(str(tmp_path / "m.pt"), str(tmp_path / "bb2"), "--to", "hf")
-    original = bb3x_jax.load(str(tmp_path / "bb"))
-    assert api.count_mismatch(original, bb3x_jax.load(str(tmp_path / "m.pt"))) == 0
-    assert api.count_mismatch(original, bb3x_jax.load(str(tmp_path / "bb2"))) == 0
+    refused = run(str(tmp_path / "bb"), str(tmp_path / "x.pt"), "--to", "parlai", check=False)
+    assert refused.returncode == 2 and "needs the ParlAI dictionary" in refused.stderr
+    assert "Traceback" not in refused.stderr
 
 
 def test_orbax_round_trip_through_the_convert_command(tmp_path):
@@ -84,7 +95,8 @@ def test_orbax_round_trip_through_the_convert_command(tmp_path):
 
 def test_init_from_places_converted_weights_and_checks_the_tokenizer(tmp_path):
     """train.init_from builds the run's model from a checkpoint's weights (the run's dropout
-    applies) and refuses a tokenizer whose vocabulary does not fit, naming the key."""
+    applies) and refuses a tokenizer whose vocabulary does not fit, or a truncation its positions
+    cannot hold, naming the key."""
     from bb3x_jax import config as config_lib
     from bb3x_jax import sharding
     from bb3x_jax.train import setup as setup_lib
@@ -96,7 +108,11 @@ def test_init_from_places_converted_weights_and_checks_the_tokenizer(tmp_path):
     config = cringe.get_config()
     config.train.init_from = str(tmp_path / "bb")
     config.model.dropout = 0.2
+    config.data.text_truncate = 40
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    with pytest.raises(config_lib.ConfigError, match="has 32 positions, the data needs 40"):
+        setup_lib.init_model(config, None, mesh)
+    config.data.text_truncate = 32
     cfg, network = setup_lib.init_model(config, None, mesh)
     assert cfg.dropout == 0.2 and cfg.d_model == original.config.d_model
     assert api.count_mismatch(original, api.BB3Model(network, cfg)) == 0
