@@ -201,3 +201,17 @@ def metaseq_file(path: str, encoder_json: str, vocab_bpe: str, *, positions: int
     shutil.copyfile(encoder_json, os.path.join(folder, "gpt2-vocab.json"))
     shutil.copyfile(vocab_bpe, os.path.join(folder, "gpt2-merges.txt"))
     return path
+
+
+def framed_logits(model, contexts, labels) -> tuple[list, list, np.ndarray]:
+    """(encoder inputs, targets, teacher-forced logits [n, T, V]) of pairs under a loaded model's own
+    tokenizer and framing."""
+    from bb3x_jax.data import framing as framing_lib
+
+    rows = framing_lib.frame_pairs(contexts, labels, model.tokenizer, model.framing())
+    pad = model.config.pad_id
+    ctx = np.full((len(rows), max(len(c) for c, _ in rows)), pad, np.int32)
+    lab = np.full((len(rows), max(len(lb) for _, lb in rows)), pad, np.int32)
+    for i, (c, lb) in enumerate(rows):
+        ctx[i, : len(c)], lab[i, : len(lb)] = c, lb
+    return [c for c, _ in rows], [lb for _, lb in rows], np.asarray(model.logits(ctx, lab))

@@ -33,6 +33,11 @@ def test_default_config_is_valid():
         ("generation.beam_size", 0, "config.generation.beam_size"),
         ("generation.top_p", 0.0, "config.generation.top_p"),
         ("eval.judge", "gpt", "eval.judge"),
+        ("data.context_framing", "t5", "data.context_framing"),
+        ("data.label_framing", "always", "data.label_framing"),
+        ("data.tokenizer.kind", "parlai", "config.data.tokenizer.path: a parlai tokenizer needs a path"),
+        ("data.tokenizer.path", "/nonexistent/spm.model", "config.data.tokenizer.path: .*no sentencepiece model"),
+        ("train.init_from", "/nonexistent/model", "config.train.init_from: /nonexistent/model: no such file"),
     ],
 )
 def test_bad_values_name_their_key(key, value, message):
@@ -80,3 +85,13 @@ def test_resuming_with_a_changed_training_setting_names_it():
         changed[section][leaf] = value
         with pytest.raises(config_lib.ConfigError, match=f"config.{key}"):
             config_lib.check_resumable(saved, changed)
+
+
+@pytest.mark.parametrize("name", ["bb3_3b", "bb3_30b", "bb3_175b"])
+def test_real_run_configs_are_valid(name):
+    """configs/bb3_*.py validate as shipped (train.init_from is the user's to set)."""
+    import importlib
+
+    config = config_lib.validate(importlib.import_module(f"configs.{name}").get_config())
+    assert config.train.learning_rate == 1e-6 and config.model.dtype == "bfloat16"
+    assert config.data.tokenizer.kind == "auto" and config.data.context_framing == "auto"

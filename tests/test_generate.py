@@ -45,3 +45,29 @@ def test_cli_generates_what_the_api_generates(tmp_path):
 
     bad = _run(str(tmp_path / "model"), stdin=lines + '{"context": "text but no tokenizer"}\n')
     assert bad.returncode != 0 and "-:4:" in bad.stderr
+
+
+def test_cli_speaks_text_with_the_models_own_tokenizer(tmp_path):
+    """A ParlAI checkpoint carries its tokenizer: text contexts in, text out, no --tokenizer; the
+    context ids are the checkpoint's framing (bart) of the text, and the response decodes the ids."""
+    import bb3x_jax
+    from bb3x_jax.data import framing as framing_lib
+    from tests import checkpoint_fixtures as fx
+
+    encoder, merges = fx.gpt2_bpe(str(tmp_path / "ckpt"))  # the BPE files beside the model file
+    path = fx.parlai_trio_by_hand(str(tmp_path / "ckpt" / "model"), encoder, text_truncate=16)
+    contexts = ["hello there\nhow are you?", "I like music"]
+    lines = "".join(json.dumps({"context": c}) + "\n" for c in contexts)
+    out = _run(path, "--max_len=6", stdin=lines)
+    assert out.returncode == 0, out.stderr
+    results = [json.loads(line) for line in out.stdout.splitlines()]
+    model = bb3x_jax.load(path)
+    framing = model.framing()
+    assert framing.context == "bart" and framing.text_truncate == 16
+    ids = framing_lib.context_ids(contexts, model.tokenizer, framing)
+    expected = decoding.generate(model.network, ids, decoding.Settings(max_len=6))
+    for result, row in zip(results, expected):
+        row = [int(t) for t in row]
+        row = row[: row.index(2) + 1] if 2 in row else [t for t in row if t != 0]
+        assert result["response_ids"] == row
+        assert result["response"] == model.tokenizer.decode([t for t in row if t != 2]).strip()

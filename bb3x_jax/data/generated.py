@@ -162,7 +162,7 @@ class ConcatRecords:
     def __getattr__(self, name: str):
         # token_rows exists only when every source is a token cache (the pipeline
         # probes for it with getattr), so a mixed concatenation falls back to text.
-        cached = name in ("token_rows", "text_truncate", "label_truncate") and self.sources and all(
+        cached = name in ("token_rows", "text_truncate", "label_truncate", "framing") and self.sources and all(
             hasattr(s, "token_rows") for s in self.sources)
         if not cached:
             raise AttributeError(name)
@@ -170,7 +170,7 @@ class ConcatRecords:
             return self._token_rows
         values = {getattr(s, name) for s in self.sources}
         if len(values) != 1:
-            raise ValueError(f"token caches with different {name}: {sorted(values)}")
+            raise ValueError(f"token caches with different {name}: {sorted(map(str, values))}")
         return values.pop()
 
     def _token_rows(self, indices):

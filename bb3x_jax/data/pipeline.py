@@ -43,7 +43,6 @@ from typing import Any
 import numpy as np
 
 from bb3x_jax.data.framing import (
-    CONTEXT_FRAMINGS,
     Framing,
     TokenRows,
     frame_context_rows,
@@ -95,9 +94,6 @@ class PipelineConfig:
     global_end_token: bool = False
 
     def __post_init__(self):
-        if self.context_framing not in CONTEXT_FRAMINGS:
-            raise ValueError(f"context_framing must be one of {', '.join(CONTEXT_FRAMINGS)}, "
-                             f"got {self.context_framing!r}")
         if self.global_batch_size <= 0:
             raise ValueError("global_batch_size must be positive")
         if self.text_truncate <= 0 or self.label_truncate <= 0:
@@ -112,7 +108,7 @@ class PipelineConfig:
         lab = self.label_buckets if self.label_buckets is not None else (self.label_truncate,)
         object.__setattr__(self, "context_buckets", _check_buckets("context_buckets", ctx, self.text_truncate))
         object.__setattr__(self, "label_buckets", _check_buckets("label_buckets", lab, self.label_truncate))
-        self.framing  # validates the framing fields
+        self.framing  # validates the framing fields (names an unknown framing)
 
     @property
     def framing(self) -> Framing:

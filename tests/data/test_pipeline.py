@@ -97,7 +97,7 @@ def test_bart_framing_wraps_the_last_t_minus_2_tokens(source, tokenizer):
                 full = tokenizer.encode(source[i]["context"].decode())
                 framed = [tokenizer.start_id] + full[-(T - 2):] + [tokenizer.end_id]
                 np.testing.assert_array_equal(y["context_ids"][row], framed + [0] * (T - len(framed)))
-    with pytest.raises(ValueError, match="context_framing"):
+    with pytest.raises(ValueError, match="context framing must be one of"):
         PipelineConfig(global_batch_size=8, context_framing="t5")
 
 

@@ -56,16 +56,6 @@ def _parlai_scores(agent, contexts, labels) -> tuple[list, list, np.ndarray]:
     return texts, labels_vec, scores.float().numpy()
 
 
-def _our_scores(model: api.BB3Model, contexts, labels) -> tuple[list, list, np.ndarray]:
-    rows = framing_lib.frame_pairs(contexts, labels, model.tokenizer, model.framing())
-    pad = model.config.pad_id
-    ctx = np.full((len(rows), max(len(c) for c, _ in rows)), pad, np.int32)
-    lab = np.full((len(rows), max(len(lb) for _, lb in rows)), pad, np.int32)
-    for i, (c, lb) in enumerate(rows):
-        ctx[i, : len(c)], lab[i, : len(lb)] = c, lb
-    return [c for c, _ in rows], [lb for _, lb in rows], np.asarray(model.logits(ctx, lab))
-
-
 def _assert_same_scores(ours, theirs):
     ours_ctx, ours_lab, ours_scores = ours
     ref_ctx, ref_lab, ref_scores = theirs
@@ -88,7 +78,7 @@ def test_loads_what_parlai_agent_save_writes(datapath, tmp_path, model_type):
     agent = _parlai_agent(path, datapath)
     for text in CONTEXTS + LABELS:
         assert model.tokenizer.encode(text) == agent.dict.txt2vec(text)
-    _assert_same_scores(_our_scores(model, CONTEXTS, LABELS), _parlai_scores(agent, CONTEXTS, LABELS))
+    _assert_same_scores(fx.framed_logits(model, CONTEXTS, LABELS), _parlai_scores(agent, CONTEXTS, LABELS))
 
 
 @pytest.mark.parlai
@@ -107,7 +97,7 @@ def test_export_is_loaded_strictly_by_parlai(datapath, tmp_path):
     assert type(agent).__name__ == "BartAgent"
     missing, unexpected = agent.model.load_state_dict(torch.load(out, weights_only=True)["model"], strict=True)
     assert not missing and not unexpected
-    _assert_same_scores(_our_scores(model, CONTEXTS, LABELS), _parlai_scores(agent, CONTEXTS, LABELS))
+    _assert_same_scores(fx.framed_logits(model, CONTEXTS, LABELS), _parlai_scores(agent, CONTEXTS, LABELS))
     again = bb3x_jax.load(out)  # the BPE files were copied beside the export
     assert api.count_mismatch(model, again) == 0
 
