@@ -126,6 +126,7 @@ def parlai_trio_by_hand(path: str, encoder_json: str, *, model: str = "bart", te
         "text_truncate": text_truncate, "label_truncate": label_truncate, "truncate": -1, "delimiter": "\n",
         "history_add_global_end_token": None, "special_tok_lst": None, "person_tokens": False,
         "split_lines": False, "history_reversed": False, "datatype": "train", "dict_lower": False,
+        "inference": "greedy", "beam_size": 1,
     }
     with open(path + ".opt", "w") as f:
         json.dump(opt, f, indent=4)

@@ -88,10 +88,10 @@ at ``i`` is its own piece, so
 checked equal to "is a pre-tokenizer piece" on random text) and
 ``encode_contexts(contexts, text_truncate)``, which returns exactly
 ``encode(c)[-text_truncate:]`` while encoding only the last turns, cutting
-only at exact newlines. The input pipeline must use
-``tokenizer.encode_contexts`` (or ``encode_contexts_exact`` below) instead of
-splitting contexts on ``"\\n"`` (``tokenizer.encode_contexts``,
-``pipeline._encode_context_rows``) whenever
+only at exact newlines. Context encoders use ``tokenizer.encode_contexts``
+(or ``encode_contexts_exact`` below) instead of splitting contexts on
+``"\\n"`` (the turn-wise ``tokenizer.encode_contexts``,
+``framing.encode_context_rows``) whenever
 ``getattr(tokenizer, "turnwise_exact", True)`` is False. Labels need nothing:
 ``encode_batch`` of a label is already ParlAI's txt2vec.
 

@@ -1,4 +1,4 @@
-"""Tokenizers and ParlAI-style context/label framing.
+"""The tokenizer interface, this project's sentencepiece tokenizer, and turn-wise context encoding.
 
 Why this module exists: the model, the input pipeline and the evaluation code
 must agree on special ids and on how a multi-turn context becomes one token
@@ -7,7 +7,9 @@ ids 0-3 are ``__null__`` (pad), ``__start__``, ``__end__``, ``__unk__``; the
 context is the previous turns joined by the delimiter ``"\\n"`` and truncated
 from the LEFT; labels end with ``__end__``.
 
-Delimiter contract (every implementation must keep it)::
+Delimiter contract (kept by the sentencepiece tokenizer; a tokenizer that
+cannot keep it, such as GPT-2's BPE, sets ``turnwise_exact = False`` and
+encodes contexts exactly itself, see ``bpe.py``)::
 
     encode("\\n".join(turns)) == delimiter_ids.join(encode(t) for t in turns)
 
@@ -41,10 +43,11 @@ DEFAULT_CHARS_PER_TOKEN = 4.0
 
 @runtime_checkable
 class Tokenizer(Protocol):
-    """What the rest of the project may rely on; SentencePiece now, GPT-2 BPE later.
+    """What the rest of the project may rely on: SentencePiece here, the checkpoints' GPT-2 BPE in ``bpe.py``.
 
     ``encode`` never emits pad/start/end; it splits its input on ``"\\n"`` and
-    joins the per-turn encodings with ``delimiter_ids`` (module docstring).
+    joins the per-turn encodings with ``delimiter_ids`` (module docstring), or
+    the tokenizer says ``turnwise_exact = False``.
     ``decode`` skips pad ids only: it does not stop at ``end_id`` (callers that
     decode generations cut there themselves). An implementation may also offer
     ``encode_batch_numpy(texts) -> list[np.ndarray]`` (int32); the input

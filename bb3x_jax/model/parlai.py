@@ -241,12 +241,17 @@ def export_opt(cfg: ModelConfig, path: str, base_opt: dict[str, Any] | None = No
     """The ``.opt`` of an export: the source's options, with this model's architecture, the export's
     own file names, and (after training here) the truncation the model was trained with."""
     opt = {k: v for k, v in (base_opt or {}).items() if k not in _STALE_OPT_KEYS}
-    opt.update(opt_from_config(cfg))
-    if base_opt and base_opt.get("model"):
-        opt["model"] = base_opt["model"]  # e.g. a FiD agent that generates with bart
+    opt.update(opt_from_config(cfg))  # its model: bart or transformer/generator, as the architecture says
+    source_model = (base_opt or {}).get("model")
+    if source_model and source_model != opt["model"]:
+        # An agent from ParlAI's projects (BB3-3B's fusion-in-decoder search agents generate
+        # with bart): the export is its generator alone, loadable by ParlAI's core agent.
+        opt["bb3x_source_model"] = source_model
     opt["model_file"] = os.path.abspath(path)
     opt["dict_file"] = os.path.abspath(path) + ".dict"
     opt["init_model"] = None  # the weights are the model file's
+    opt.setdefault("inference", "greedy")  # ParlAI's generator agents refuse options without a decoding method
+    opt.setdefault("beam_size", 1)
     if truncation is not None:
         opt["text_truncate"], opt["label_truncate"] = int(truncation[0]), int(truncation[1])
     return opt

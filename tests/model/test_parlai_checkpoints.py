@@ -145,3 +145,27 @@ def test_export_needs_a_parlai_dictionary(tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     with pytest.raises(ValueError, match="needs the ParlAI dictionary"):
         bb3x_jax.load(str(tmp_path / "hf")).save_pytorch(str(tmp_path / "out"), format="parlai")
+
+
+@pytest.mark.parlai
+def test_fid_agent_checkpoint_exports_as_its_generator(datapath, tmp_path):
+    """BB3-3B's layout: a fusion-in-decoder agent from ParlAI's projects (seq2seq_* keys, retriever
+    keys, generation with bart). It loads (the retriever reported) and exports as the bart generator
+    that ParlAI's core agent loads strictly and scores as we do; the source agent is recorded."""
+    path = fx.parlai_agent_save(str(tmp_path / "fid" / "model"), datapath, model="bart")
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["model"] = {("seq2seq_" + k if k.startswith(("encoder.", "decoder.")) else k): v
+                           for k, v in checkpoint["model"].items()}
+    checkpoint["model"]["retriever.query_encoder.weight"] = torch.zeros(3)
+    torch.save(checkpoint, path)
+    opt = json.load(open(path + ".opt"))
+    opt.update(model="projects.seeker.agents.seeker:ComboFidGoldDocumentAgent", generation_model="bart")
+    json.dump(opt, open(path + ".opt", "w"))
+    model = bb3x_jax.load(path, bpe_dir=_gpt2(datapath))
+    assert model.framing().context == "bart" and model.config.decoder_start == (2, 1)
+    out = str(tmp_path / "export" / "model")
+    model.save_pytorch(out, format="parlai")
+    exported = json.load(open(out + ".opt"))
+    assert exported["model"] == "bart" and exported["bb3x_source_model"] == opt["model"]
+    agent = _parlai_agent(out, datapath)
+    _assert_same_scores(fx.framed_logits(model, CONTEXTS, LABELS), _parlai_scores(agent, CONTEXTS, LABELS))
