@@ -3,9 +3,9 @@
 ParlAI is part of the test install (README, ``.ci/run``), so such a test FAILS,
 naming the install command, when ParlAI cannot be imported: a comparison with
 the reference must never pass by being skipped. Without ParlAI, deselect them
-explicitly with ``-m "not parlai"``. Tests that need ParlAI's ``projects/``
-code (not in its wheel) are marked ``parlai_projects`` and skip unless a ParlAI
-source checkout is importable.
+explicitly with ``-m "not parlai"``. Tests that need ``projects/`` code that
+the wheel does not ship (``projects/cringe``) are marked ``parlai_projects``
+and skip unless a ParlAI source checkout is importable.
 """
 
 from __future__ import annotations
@@ -34,9 +34,8 @@ def pytest_runtest_setup(item):
         if error:
             pytest.fail(f"this test compares with ParlAI, which is not importable ({error}); install it with "
                         f"`{PARLAI_INSTALL}`, or deselect with -m \"not parlai\"", pytrace=False)
-    marker = item.get_closest_marker("parlai_projects")
-    if marker is not None:
-        error = _import_error(marker.args[0] if marker.args else "projects.cringe.cringe_loss")
+    if item.get_closest_marker("parlai_projects") is not None:
+        error = _import_error("projects.cringe.cringe_loss")
         if error:
             pytest.skip(f"needs ParlAI's projects/ code, which its wheel lacks ({error}); put a ParlAI 1.7.2 "
                         "source checkout on PYTHONPATH to run it")

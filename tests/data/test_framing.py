@@ -144,8 +144,9 @@ def test_bb3_opt_prompt_text():
 
 
 def _bb3_prompt_history_class():
-    """BB3's BB3PromptHistory: its class statements, run from ParlAI's projects/bb3/agents/opt_api_agent.py
-    (importing that module pulls in its whole serving stack: search, safety, NLTK data)."""
+    """BB3's BB3PromptHistory: its class statements, run from projects/bb3/agents/opt_api_agent.py as the
+    ParlAI 1.7.2 wheel ships it (importing that module pulls in its whole serving stack: search,
+    safety, NLTK data)."""
     import ast
     import importlib.util
     import itertools
@@ -166,7 +167,7 @@ def _bb3_prompt_history_class():
     return namespace["BB3PromptHistory"]
 
 
-@pytest.mark.parlai_projects("projects.bb3.prompts")
+@pytest.mark.parlai
 def test_bb3_opt_prompt_equals_bb3s_prompt_history():
     """The rendered prompt equals BB3's own BB3PromptHistory (vrm module, no shots) on the same text."""
     BB3PromptHistory = _bb3_prompt_history_class()
