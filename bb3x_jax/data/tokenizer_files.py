@@ -184,10 +184,12 @@ def resolve_sentencepiece(path: str) -> TokenizerSpec:
 def find_bundle(path: str) -> str | None:
     """The bundle folder of a model path of this project: the folder itself, ``<path>/tokenizer``,
     or that of the workdir a checkpoint step / checkpoints folder belongs to."""
-    path = os.path.abspath(path)
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):  # a file is a checkpoint of another format, with its own tokenizer files
+        return None
     candidates = [path, os.path.join(path, BUNDLE_DIR)]
     up = path
-    for _ in range(3):  # <workdir>/checkpoints/<step>/ -> <workdir>
+    for _ in range(2):  # <workdir>/checkpoints/<step> -> <workdir>
         up = os.path.dirname(up)
         candidates.append(os.path.join(up, BUNDLE_DIR))
     for folder in candidates:
