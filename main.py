@@ -37,6 +37,14 @@ class _QuietLibraries:
 
 
 def main(argv):
+    try:
+        _run(argv)
+    except config_lib.ConfigError as error:  # a user's mistake: one line, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _run(argv):
     import logging
 
     logging.getLogger("absl").addFilter(_QuietLibraries())

@@ -31,7 +31,7 @@ def tokenizer_spec(config: config_dict.ConfigDict) -> tokenizer_files.TokenizerS
     tok = config.data.tokenizer
     try:
         return tokenizer_files.resolve_configured(tok.kind, tok.path, init_from=config.train.init_from,
-                                                  bpe_dir=tok.bpe_dir)
+                                                  bpe_dir=tok.bpe_dir, trust_pickle=config.train.trust_pickle)
     except (OSError, ValueError) as error:
         key = "data.tokenizer.path" if tok.path or tok.kind not in ("auto", "checkpoint") else "train.init_from"
         raise ConfigError(key, str(error)) from None
@@ -181,6 +181,7 @@ def model_overrides(config: config_dict.ConfigDict) -> dict:
 
 # Config sections a resumed run may change (they do not change what was trained so far).
 _RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.init_from",
+                      "train.trust_pickle",
                       "checkpoint.", "eval.", "iterate.", "judge.", "bench.", "plan.", "data_check.", "distributed.", "data.num_workers",
                       "data.prefetch", "data.pipeline_workers", "data.manual_dir", "data.dir", "mesh.")
 

@@ -29,11 +29,14 @@ def main(argv=None) -> None:
     parser.add_argument("dst")
     parser.add_argument("--to", required=True, choices=["orbax", "hf", "parlai"])
     parser.add_argument("--bpe_dir", default="", help="where GPT-2's BPE files are when not beside SRC")
+    parser.add_argument("--trust_pickle", action="store_true",
+                        help="read SRC's pickles with the full unpickler, which can run code from the file: only for "
+                             "files from a source you trust (bb3x_jax/model/pickles.py)")
     args = parser.parse_args(argv)
     from bb3x_jax.model.api import load
 
     try:
-        model = load(args.src, bpe_dir=args.bpe_dir)
+        model = load(args.src, bpe_dir=args.bpe_dir, trust_pickle=args.trust_pickle)
         if args.to == "orbax":
             written = [model.save_orbax(args.dst)]
         else:

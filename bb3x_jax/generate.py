@@ -34,6 +34,8 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", "", "Tokenizer for text ('': the m
 _TOKENIZER_KIND = flags.DEFINE_enum("tokenizer_kind", "checkpoint", tokenizer_files.KINDS,
                                     "What --tokenizer is (checkpoint: told from the path).")
 _BPE_DIR = flags.DEFINE_string("bpe_dir", "", "Where GPT-2's BPE files are when not beside the checkpoint.")
+_TRUST_PICKLE = flags.DEFINE_bool("trust_pickle", False, "Read MODEL's pickles with the full unpickler, which can run "
+                                  "code from the file: only for files from a source you trust.")
 _BATCH = flags.DEFINE_integer("batch", 16, "Contexts decoded together.")
 _TEXT_TRUNCATE = flags.DEFINE_integer("text_truncate", 0, "Context tokens kept (0: what the model was trained "
                                       "with, else what its positions allow).")
@@ -80,7 +82,8 @@ def _tokenizer_and_framing(model):
     """(tokenizer or None, framing) for text: --tokenizer, else the model's own."""
     text_truncate = _TEXT_TRUNCATE.value or None
     if _TOKENIZER.value:
-        spec = tokenizer_files.resolve(_TOKENIZER_KIND.value, _TOKENIZER.value, bpe_dir=_BPE_DIR.value)
+        spec = tokenizer_files.resolve(_TOKENIZER_KIND.value, _TOKENIZER.value, bpe_dir=_BPE_DIR.value,
+                                       trust_pickle=_TRUST_PICKLE.value)
         text, label = api.default_truncation(spec, model.config)
         return tokenizer_files.load(spec), framing_lib.for_tokenizer(spec, text_truncate or text, label)
     if model.tokenizer_spec is None:
@@ -95,7 +98,7 @@ def main(argv):
 
     try:
         settings = _settings()
-        model = api.load(argv[1], bpe_dir=_BPE_DIR.value)
+        model = api.load(argv[1], bpe_dir=_BPE_DIR.value, trust_pickle=_TRUST_PICKLE.value)
         tokenizer, framing = _tokenizer_and_framing(model)
     except (OSError, ValueError) as error:  # a missing file or bad flag value: one line, no traceback
         raise SystemExit(f"generate: {error}") from None

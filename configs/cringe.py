@@ -107,6 +107,9 @@ def get_config() -> config_dict.ConfigDict:
             # file, a transformers directory, a metaseq file or an orbax checkpoint
             # of this project (bb3x_jax.load); its vocabulary must be the tokenizer's.
             "init_from": "",
+            # Read init_from's pickles with the full unpickler, which can run code from the
+            # file (bb3x_jax/model/pickles.py): only for files from a source you trust.
+            "trust_pickle": False,
         }
     )
 

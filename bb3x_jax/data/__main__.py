@@ -186,7 +186,7 @@ def cmd_encode(args) -> None:
     from bb3x_jax.data import tokenizer_files
 
     try:
-        spec = tokenizer_files.resolve(args.kind, args.tokenizer, bpe_dir=args.bpe_dir)
+        spec = tokenizer_files.resolve(args.kind, args.tokenizer, bpe_dir=args.bpe_dir, trust_pickle=args.trust_pickle)
         tok = tokenizer_files.load(spec)
         text, label = tokenizer_files.recorded_truncation(spec)  # else configs/cringe.py's defaults
         framing = framing_lib.for_tokenizer(spec, args.text_truncate or text or 128, args.label_truncate or label or 32,
@@ -261,6 +261,8 @@ def main(argv=None) -> None:
     p.add_argument("--label_truncate", type=int, default=0, help="0: what the checkpoint records, else 32")
     p.add_argument("--context_framing", default="auto", help="auto | plain | bart | bb3_opt_prompt")
     p.add_argument("--label_framing", default="auto", help="auto | end_kept | parlai")
+    p.add_argument("--trust_pickle", action="store_true", help="peek into a metaseq file with the full unpickler "
+                   "(can run code from it: only for files you trust)")
     p.set_defaults(fn=cmd_encode)
 
     args = parser.parse_args(argv)

@@ -198,7 +198,7 @@ def find_bundle(path: str) -> str | None:
     return None
 
 
-def checkpoint_kind(path: str) -> str:
+def checkpoint_kind(path: str, *, trust_pickle: bool = False) -> str:
     """The tokenizer kind of a model path (``checkpoint`` resolution), or an error saying what it is not."""
     path = os.path.abspath(os.path.expanduser(path))
     if find_bundle(path) is not None:
@@ -208,7 +208,7 @@ def checkpoint_kind(path: str) -> str:
             return "hf"
         from bb3x_jax.model import metaseq
 
-        if metaseq.is_metaseq_dir(path):
+        if metaseq.is_metaseq_dir(path, trust_pickle=trust_pickle):
             return "metaseq"
         raise TokenizerFileError(f"{path}: no tokenizer found (not a transformers directory, a metaseq folder, or "
                                  f"a model of this project with a {BUNDLE_DIR}/{BUNDLE_FILE})")
@@ -220,13 +220,13 @@ def checkpoint_kind(path: str) -> str:
         return "parlai"
     from bb3x_jax.model import metaseq
 
-    if metaseq.is_metaseq_file(path):
+    if metaseq.is_metaseq_file(path, trust_pickle=trust_pickle):
         return "metaseq"
     raise TokenizerFileError(f"{path}: cannot tell its tokenizer (a ParlAI model file has {os.path.basename(path)}"
                              ".opt and .dict beside it; a metaseq file a dict.txt)")
 
 
-def resolve(kind: str, path: str, *, bpe_dir: str = "") -> TokenizerSpec:
+def resolve(kind: str, path: str, *, bpe_dir: str = "", trust_pickle: bool = False) -> TokenizerSpec:
     """The tokenizer of ``kind`` at ``path`` (see the module docstring), files checked."""
     if kind not in KINDS:
         raise ValueError(f"tokenizer kind {kind!r} is not one of {', '.join(KINDS)}")
@@ -234,7 +234,7 @@ def resolve(kind: str, path: str, *, bpe_dir: str = "") -> TokenizerSpec:
         raise TokenizerFileError(f"a {kind} tokenizer needs a path")
     path = os.path.abspath(os.path.expanduser(path))
     if kind == "checkpoint":
-        kind = checkpoint_kind(path)
+        kind = checkpoint_kind(path, trust_pickle=trust_pickle)
         if kind == "bundle":
             return read_bundle(find_bundle(path))
     if kind == "sentencepiece":
@@ -269,7 +269,8 @@ def effective_kind(kind: str, init_from: str) -> str:
     return "checkpoint"
 
 
-def resolve_configured(kind: str, path: str, *, init_from: str = "", bpe_dir: str = "") -> TokenizerSpec | None:
+def resolve_configured(kind: str, path: str, *, init_from: str = "", bpe_dir: str = "",
+                       trust_pickle: bool = False) -> TokenizerSpec | None:
     """The configured tokenizer (``data.tokenizer``), or None for a sentencepiece model that is
     to be trained on the data (kind ``sentencepiece`` without a path)."""
     kind = effective_kind(kind, init_from)
@@ -279,7 +280,7 @@ def resolve_configured(kind: str, path: str, *, init_from: str = "", bpe_dir: st
         path = path or init_from
         if not path:
             raise TokenizerFileError("tokenizer kind 'checkpoint' needs data.tokenizer.path or train.init_from")
-    return resolve(kind, path, bpe_dir=bpe_dir)
+    return resolve(kind, path, bpe_dir=bpe_dir, trust_pickle=trust_pickle)
 
 
 def recorded_truncation(spec: TokenizerSpec | None) -> tuple[int | None, int | None]:
@@ -325,9 +326,9 @@ def load(spec: TokenizerSpec):
     raise ValueError(f"unknown tokenizer kind {spec.kind!r}")
 
 
-def load_path(kind: str, path: str, *, bpe_dir: str = ""):
+def load_path(kind: str, path: str, *, bpe_dir: str = "", trust_pickle: bool = False):
     """``load(resolve(...))``: the tokenizer of a path."""
-    return load(resolve(kind, path, bpe_dir=bpe_dir))
+    return load(resolve(kind, path, bpe_dir=bpe_dir, trust_pickle=trust_pickle))
 
 
 # --- bundles: a portable copy beside a trained model ------------------------------------

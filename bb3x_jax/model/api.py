@@ -21,6 +21,7 @@ from absl import logging
 from bb3x_jax.data import framing as framing_lib
 from bb3x_jax.data import tokenizer_files
 from bb3x_jax.data.framing import Framing
+from bb3x_jax.model import pickles
 from bb3x_jax.model.config import ModelConfig
 from bb3x_jax.model.transformer import Transformer
 
@@ -132,7 +133,7 @@ def default_truncation(spec, cfg: ModelConfig) -> tuple[int, int]:
     return min(text or cfg.n_positions, cfg.n_positions), min(label or 128, cfg.n_positions)
 
 
-def load(path: str, *, bpe_dir: str = "") -> BB3Model:
+def load(path: str, *, bpe_dir: str = "", trust_pickle: bool = False) -> BB3Model:
     """A model from a transformers directory (Blenderbot, OPT), a ParlAI checkpoint
     (the model file, with ``.opt`` and ``.dict`` beside it), or a metaseq (OPT)
     checkpoint: a consolidated file, one of its model-parallel parts / FSDP
@@ -148,13 +149,17 @@ def load(path: str, *, bpe_dir: str = "") -> BB3Model:
     GPT-2's BPE files are when not beside the checkpoint). A ParlAI checkpoint
     without its ``.opt``, ``.dict`` or BPE files fails naming the file; other
     formats report a missing tokenizer when ``tokenizer`` is used.
+
+    Pickled files (ParlAI, metaseq, transformers ``.bin``) are read by the safe
+    unpickler (``bb3x_jax.model.pickles``): a file that would need anything
+    besides tensors and plain values is refused unless ``trust_pickle``.
     """
     path = os.path.expanduser(os.fspath(path))
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "config.json")):
             from bb3x_jax.model import hf
 
-            network, cfg = hf.load_hf(path)
+            network, cfg = hf.load_hf(path, trust_pickle=trust_pickle)
             return _with_tokenizer(BB3Model(network, cfg, source=path), "hf", path, bpe_dir)
         from bb3x_jax.model import orbax_io
 
@@ -172,26 +177,24 @@ def load(path: str, *, bpe_dir: str = "") -> BB3Model:
             return model
         from bb3x_jax.model import metaseq
 
-        if metaseq.is_metaseq_dir(path):
-            return _load_metaseq(path, bpe_dir)
+        if metaseq.is_metaseq_dir(path, trust_pickle=trust_pickle):
+            return _load_metaseq(path, bpe_dir, trust_pickle)
         raise FileNotFoundError(f"{path}: a folder without config.json (not a transformers directory)")
     if not os.path.isfile(path):
         raise FileNotFoundError(path)
     from bb3x_jax.model import metaseq
 
-    if metaseq.is_metaseq_file(path):  # a memory-mapped peek: metaseq files are read lazily, layer by layer
-        return _load_metaseq(path, bpe_dir)
-    from bb3x_jax.model import hf
-
-    checkpoint = hf.torch_load(path, weights_only=False)  # memory-mapped: only a peek at the keys
+    if metaseq.is_metaseq_file(path, trust_pickle=trust_pickle):  # a memory-mapped peek; read layer by layer
+        return _load_metaseq(path, bpe_dir, trust_pickle)
+    checkpoint = pickles.load(path, trust_pickle=trust_pickle)  # memory-mapped: only a peek at the keys
     if isinstance(checkpoint, dict) and ("cfg" in checkpoint or "args" in checkpoint):
         del checkpoint  # a metaseq file torch cannot memory-map (legacy format): the loader reads it again
-        return _load_metaseq(path, bpe_dir)
+        return _load_metaseq(path, bpe_dir, trust_pickle)
     if isinstance(checkpoint, dict) and "model" in checkpoint:  # ParlAI's weights file
         del checkpoint  # the loader maps the file again; never hold two copies
         from bb3x_jax.model import parlai
 
-        network, cfg, report = parlai.load_parlai(path)
+        network, cfg, report = parlai.load_parlai(path, trust_pickle=trust_pickle)
         if report.ignored_keys:
             logging.warning("bb3x_jax.load: %d key(s) outside the generator ignored: %s",
                             len(report.ignored_keys), json.dumps(report.ignored_keys[:10]))
@@ -216,10 +219,10 @@ def _with_tokenizer(model: BB3Model, kind: str, path: str, bpe_dir: str) -> BB3M
     return model
 
 
-def _load_metaseq(path: str, bpe_dir: str = "") -> BB3Model:
+def _load_metaseq(path: str, bpe_dir: str = "", trust_pickle: bool = False) -> BB3Model:
     from bb3x_jax.model import metaseq
 
-    network, cfg, report = metaseq.load_metaseq(path)
+    network, cfg, report = metaseq.load_metaseq(path, trust_pickle=trust_pickle)
     logging.info("bb3x_jax.load: %s", metaseq.summary(report))
     for warning in report.warnings:
         logging.warning("bb3x_jax.load: %s", warning)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from bb3x_jax.model import convert
+from bb3x_jax.model import convert, pickles
 from bb3x_jax.model.config import ModelConfig
 
 _GELU_NAMES = ("gelu", "gelu_python")
@@ -114,9 +114,10 @@ class _SafetensorsFiles(Mapping):
         return len(self._where)
 
 
-def read_hf_weights(path: str) -> Mapping[str, Any]:
+def read_hf_weights(path: str, *, trust_pickle: bool = False) -> Mapping[str, Any]:
     """The tensors of a transformers directory, lazily: safetensors preferred (read per
-    tensor), else ``.bin`` files memory-mapped by torch (a second copy is never made)."""
+    tensor), else ``.bin`` files memory-mapped by torch (a second copy is never made),
+    by the safe unpickler unless ``trust_pickle`` (``pickles``)."""
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if files:
         return _SafetensorsFiles(files)
@@ -125,23 +126,11 @@ def read_hf_weights(path: str) -> Mapping[str, Any]:
         raise FileNotFoundError(f"{path}: no *.safetensors or pytorch_model*.bin weights")
     out: dict[str, Any] = {}
     for file in files:
-        out.update(torch_load(file, weights_only=True))
+        out.update(pickles.load(file, trust_pickle=trust_pickle))
     return out
 
 
-def torch_load(path: str, **kwargs):
-    """torch.load memory-mapped when the file allows it (zip format), else read whole."""
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, **kwargs)
-    except RuntimeError as error:  # legacy (pre-zip) files cannot be memory-mapped
-        if "mmap" not in str(error):
-            raise
-        return torch.load(path, map_location="cpu", **kwargs)
-
-
-def load_hf(path: str, *, rngs: nnx.Rngs | None = None):
+def load_hf(path: str, *, rngs: nnx.Rngs | None = None, trust_pickle: bool = False):
     """(model, config) from a transformers Blenderbot or OPT directory."""
     from bb3x_jax.model import transformer
 
@@ -149,7 +138,7 @@ def load_hf(path: str, *, rngs: nnx.Rngs | None = None):
         cfg = config_from_hf(json.load(f))
     with nnx.use_eager_sharding(False):  # shapes only: every parameter is filled from the file
         model = nnx.eval_shape(lambda: transformer.Transformer(cfg, rngs=rngs or nnx.Rngs(0)))
-    convert.load_state_dict(model, read_hf_weights(path), *table(cfg))
+    convert.load_state_dict(model, read_hf_weights(path, trust_pickle=trust_pickle), *table(cfg))
     return model, cfg
 
 

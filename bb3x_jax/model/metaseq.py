@@ -54,9 +54,12 @@ change or fault the model). With ``scan_layers`` (layers stacked in one
 array) the network is built with its random init and filled in one group, as
 the other loaders do: more memory.
 
-Checkpoints are Python pickles: load only files you trust. Classes the
-unpickler cannot import (omegaconf, metaseq objects in ``extra_state``) are
-read as plain stand-ins, so neither package is needed.
+Checkpoints are Python pickles, read by the safe unpickler of
+``bb3x_jax.model.pickles`` (tensors, plain values, ``argparse.Namespace``
+options). A file whose options or ``extra_state`` were pickled as objects
+(omegaconf containers, metaseq classes) is refused naming the class; trusted
+(``trust_pickle``), such classes are read as inert stand-ins, so neither
+package is needed.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ from typing import Any
 
 from flax import nnx
 
-from bb3x_jax.model import convert
+from bb3x_jax.model import convert, pickles
 from bb3x_jax.model.config import ModelConfig, preset
 
 CheckpointMismatch = convert.CheckpointMismatch
@@ -109,7 +112,7 @@ class LoadReport:
 
 
 # ---------------------------------------------------------------------------
-# Reading files: tolerant unpickling, memory-mapped.
+# Reading files: the safe unpickler, or (trusted files) a tolerant one; memory-mapped.
 
 
 class _StandIn:
@@ -141,15 +144,10 @@ _PICKLE = types.SimpleNamespace(Unpickler=_TolerantUnpickler, load=lambda f, **k
                                 __name__="bb3x_jax_tolerant_pickle")
 
 
-def _torch_load(path: str, *, mmap_only: bool = False):
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True, pickle_module=_PICKLE)
-    except RuntimeError as error:
-        if "mmap" not in str(error) or mmap_only:
-            raise
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PICKLE)
+def _torch_load(path: str, *, mmap_only: bool = False, trust_pickle: bool = False):
+    """The file by the safe unpickler (``pickles.load``); trusted files by the tolerant one, which
+    keeps objects of classes that cannot be imported as their pickled state."""
+    return pickles.load(path, trust_pickle=trust_pickle, pickle_module=_PICKLE, mmap_only=mmap_only)
 
 
 def _is_metaseq_dict(checkpoint) -> bool:
@@ -157,19 +155,20 @@ def _is_metaseq_dict(checkpoint) -> bool:
             and ("cfg" in checkpoint or "args" in checkpoint))
 
 
-def is_metaseq_file(path: str) -> bool:
+def is_metaseq_file(path: str, *, trust_pickle: bool = False) -> bool:
     """Whether ``path`` is a metaseq checkpoint (a cheap memory-mapped peek; False
-    for files torch cannot memory-map, which ``load`` then reads the slow way)."""
+    for files torch cannot memory-map, which ``load`` then reads the slow way, and
+    for files the safe unpickler refuses, which ``load`` then names)."""
     try:
-        return _is_metaseq_dict(_torch_load(path, mmap_only=True))
+        return _is_metaseq_dict(_torch_load(path, mmap_only=True, trust_pickle=trust_pickle))
     except Exception:  # noqa: BLE001 - anything unreadable is simply not ours
         return False
 
 
-def is_metaseq_dir(path: str) -> bool:
+def is_metaseq_dir(path: str, *, trust_pickle: bool = False) -> bool:
     """Whether the folder holds metaseq checkpoint file(s) (one peek)."""
     names = sorted(n for n in os.listdir(path) if _NAME_RE.match(n))
-    return bool(names) and is_metaseq_file(os.path.join(path, names[0]))
+    return bool(names) and is_metaseq_file(os.path.join(path, names[0]), trust_pickle=trust_pickle)
 
 
 def checkpoint_files(path: str) -> list[list[str]]:
@@ -675,7 +674,7 @@ def _abstract_network(cfg: ModelConfig, seed: int):
     return network
 
 
-def load_metaseq(path: str, *, seed: int = 0, **config_overrides):
+def load_metaseq(path: str, *, seed: int = 0, trust_pickle: bool = False, **config_overrides):
     """(network, config, report) from a metaseq checkpoint file, one of its
     model-parallel parts / FSDP shards, or the folder holding them.
 
@@ -686,7 +685,7 @@ def load_metaseq(path: str, *, seed: int = 0, **config_overrides):
     files = checkpoint_files(path)
     report = LoadReport(path=path, files=[f for part in files for f in part], model_parallel=len(files),
                         fsdp_shards=len(files[0]))
-    checkpoints = [[_torch_load(f) for f in part] for part in files]
+    checkpoints = [[_torch_load(f, trust_pickle=trust_pickle) for f in part] for part in files]
     for file, checkpoint in zip(report.files, [c for part in checkpoints for c in part]):
         if not _is_metaseq_dict(checkpoint):
             raise CheckpointMismatch(f"{file}: not a metaseq checkpoint (a dict with 'model' and 'cfg' or 'args')")

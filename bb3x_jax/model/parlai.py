@@ -18,7 +18,8 @@ and the source's dictionary unchanged, so that ParlAI's
 ``create_agent_from_model_file`` builds the same agent and loads the weights
 strictly.
 
-ParlAI checkpoints are Python pickles: load only files you trust.
+ParlAI checkpoints are Python pickles: they are read by the safe unpickler of
+``bb3x_jax.model.pickles`` (ParlAI's own files need nothing else).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from bb3x_jax.data import framing, tokenizer_files
-from bb3x_jax.model import convert
+from bb3x_jax.model import convert, pickles
 from bb3x_jax.model.config import ACTIVATIONS, VARIANTS, ModelConfig
 
 FID_PREFIXES = {"seq2seq_encoder.": "encoder.", "seq2seq_decoder.": "decoder."}
@@ -189,15 +190,14 @@ def _split_generator_keys(state: dict[str, Any], report: LoadReport) -> dict[str
     return dict(state)
 
 
-def read_checkpoint(path: str) -> tuple[Any, dict[str, Any], str]:
+def read_checkpoint(path: str, *, trust_pickle: bool = False) -> tuple[Any, dict[str, Any], str]:
     """(the torch-saved dict, the options, the options file or '') of a ParlAI model file.
 
     The options are ``path.opt`` (ParlAI's layout); a file without one must
-    hold them itself (this project's earlier single-file layout).
+    hold them itself (this project's earlier single-file layout). Read by the
+    safe unpickler unless ``trust_pickle`` (``pickles``), memory-mapped.
     """
-    from bb3x_jax.model import hf
-
-    checkpoint = hf.torch_load(path, weights_only=False)  # memory-mapped: tensors are read as they are used
+    checkpoint = pickles.load(path, trust_pickle=trust_pickle)  # tensors are read as they are used
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise convert.CheckpointMismatch(f"{path}: not a ParlAI checkpoint (a dict with 'model')")
     if os.path.isfile(tokenizer_files.parlai_opt_path(path)):
@@ -208,11 +208,11 @@ def read_checkpoint(path: str) -> tuple[Any, dict[str, Any], str]:
     raise AssertionError("unreachable")
 
 
-def load_parlai(path: str, *, rngs: nnx.Rngs | None = None):
+def load_parlai(path: str, *, rngs: nnx.Rngs | None = None, trust_pickle: bool = False):
     """(model, config, report) from a ParlAI checkpoint (model file; ``.opt`` beside it)."""
     from bb3x_jax.model import transformer
 
-    checkpoint, opt, opt_file = read_checkpoint(path)
+    checkpoint, opt, opt_file = read_checkpoint(path, trust_pickle=trust_pickle)
     report = LoadReport(path=path, opt=opt, opt_file=opt_file)
     state = _split_generator_keys(checkpoint["model"], report)
     if "embeddings.weight" not in state:

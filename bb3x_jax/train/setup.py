@@ -94,7 +94,7 @@ def init_model(config: config_dict.ConfigDict, tokenizer, mesh):
     from bb3x_jax.model import api
 
     try:
-        loaded = api.load(path, bpe_dir=config.data.tokenizer.bpe_dir)
+        loaded = api.load(path, bpe_dir=config.data.tokenizer.bpe_dir, trust_pickle=config.train.trust_pickle)
     except (OSError, ValueError) as error:  # a missing or unreadable checkpoint file is the user's to fix
         raise config_lib.ConfigError("train.init_from", str(error)) from None
     cfg = loaded.config.replace(**config_lib.model_overrides(config))

@@ -17,7 +17,7 @@ import torch
 from transformers import OPTConfig, OPTForCausalLM
 
 import bb3x_jax
-from bb3x_jax.model import api, metaseq
+from bb3x_jax.model import api, metaseq, pickles
 from bb3x_jax.model.convert import CheckpointMismatch
 
 VOCAB, D, HEADS, FFN, LAYERS, POSITIONS = 72, 24, 4, 44, 2, 40  # heads and vocab split over 2 parts
@@ -310,8 +310,9 @@ class _FakeDictConfig:
 
 def test_cfg_of_unimportable_classes(tmp_path, monkeypatch):
     """A cfg pickled as omegaconf containers (and extra_state objects of classes that
-    cannot be imported here, like metaseq's) still loads: unknown classes become
-    stand-ins and omegaconf's pickled layout (_content / _val) is read as plain values."""
+    cannot be imported here, like metaseq's) is refused by the safe unpickler, naming the
+    class; trusted, it loads: unknown classes become stand-ins and omegaconf's pickled
+    layout (_content / _val) is read as plain values."""
     import sys
     import types
 
@@ -324,6 +325,8 @@ def test_cfg_of_unimportable_classes(tmp_path, monkeypatch):
     path = tmp_path / "m.pt"
     torch.save({"model": singleton_state(hf), "cfg": cfg, "extra_state": {"iterator": _FakeNode(3)}}, path)
     monkeypatch.delitem(sys.modules, fake.__name__)
-    model = bb3x_jax.load(str(path))
+    with pytest.raises(pickles.UntrustedPickleError, match="_not_installed_omegaconf._FakeDictConfig"):
+        bb3x_jax.load(str(path))
+    model = bb3x_jax.load(str(path), trust_pickle=True)
     assert_same_logits(model, hf)
     assert model.config.n_positions == POSITIONS and model.config.dropout == 0.1
