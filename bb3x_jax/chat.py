@@ -23,14 +23,14 @@ RESET, EXIT = "[reset]", "[exit]"
 class Conversation:
     """One conversation's history and the model's replies to it."""
 
-    def __init__(self, network, tokenizer, config: config_dict.ConfigDict):
+    def __init__(self, network, tokenizer, config: config_dict.ConfigDict, framing=None):
         from flax import nnx
 
         from bb3x_jax import decoding
 
         self.tokenizer = tokenizer
         self.config = config
-        self.framing = config_lib.framing(config)
+        self.framing = framing or config_lib.framing(config)
         self.settings = config_lib.generation_settings(config)
         graphdef, self.state = nnx.split(network)
         self.search = decoding.compiled_search(graphdef, self.settings)
@@ -73,7 +73,7 @@ def load_conversation(config: config_dict.ConfigDict, workdir: str) -> Conversat
     step = eval_run.choose_step(checkpoints, config.eval.checkpoint)
     checkpoints.close()
     params, _ = checkpoint_lib.read_params(checkpoints.directory, checkpoint_lib.abstract(setup.params), step)
-    return Conversation(nnx.merge(setup.graphdef, params, setup.rest), setup.tokenizer, config)
+    return Conversation(nnx.merge(setup.graphdef, params, setup.rest), setup.tokenizer, config, setup.framing)
 
 
 def run(config: config_dict.ConfigDict, workdir: str, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:

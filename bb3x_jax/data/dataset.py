@@ -155,9 +155,10 @@ def prepare_with_tokenizer(config: config_dict.ConfigDict, workdir: str):
     return made if made is not None else make()
 
 
-def pipeline_config(config: config_dict.ConfigDict, *, train: bool) -> pipeline.PipelineConfig:
+def pipeline_config(config: config_dict.ConfigDict, *, train: bool, framing=None) -> pipeline.PipelineConfig:
+    """The batches of ``config``; ``framing``: the run's (``config_lib.framing``), when already resolved."""
     data = config.data
-    framing = config_lib.framing(config)
+    framing = framing or config_lib.framing(config)
     common = dict(
         text_truncate=data.text_truncate,
         label_truncate=data.label_truncate,
@@ -183,14 +184,16 @@ def source(built: builder_lib.Bb3xDeployment, split: str) -> records.TrainingRec
     return records.TrainingRecords.of(built, split)
 
 
-def batch_source(config: config_dict.ConfigDict, built: builder_lib.Bb3xDeployment, tok, split: str):
+def batch_source(config: config_dict.ConfigDict, built: builder_lib.Bb3xDeployment, tok, split: str,
+                 framing=None):
     """What the pipeline reads for ``split``: the token cache (built once) or the raw records.
 
     The train split is followed by the generated splits of ``data.extra_train``
     (iterative CRINGE; a split listed twice is read twice per epoch).
     """
     data = config.data
-    release = _cached(config, source(built, split), tok, str(built.data_dir), split)
+    framing = framing or config_lib.framing(config)
+    release = _cached(config, source(built, split), tok, str(built.data_dir), split, framing)
     if split != "train" or not data.extra_train:
         return release
     extra = {}
@@ -199,15 +202,14 @@ def batch_source(config: config_dict.ConfigDict, built: builder_lib.Bb3xDeployme
             split_source = generated.GeneratedSplit(path)
         except (OSError, ValueError) as error:
             raise config_lib.ConfigError("data.extra_train", str(error)) from None
-        extra[path] = _cached(config, split_source, tok, path, "generated")
+        extra[path] = _cached(config, split_source, tok, path, "generated", framing)
     return generated.ConcatRecords([release] + [extra[path] for path in data.extra_train])
 
 
-def _cached(config: config_dict.ConfigDict, records_source, tok, root: str, name: str):
+def _cached(config: config_dict.ConfigDict, records_source, tok, root: str, name: str, framing):
     data = config.data
     if not data.token_cache:
         return records_source
-    framing = config_lib.framing(config)
     path = token_cache.cache_dir(root, name, tok, framing)
     if not os.path.exists(os.path.join(path, "meta.json")):
         logging.info("Tokenizing %s once into %s", name, path)

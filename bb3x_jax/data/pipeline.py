@@ -108,13 +108,14 @@ class PipelineConfig:
         lab = self.label_buckets if self.label_buckets is not None else (self.label_truncate,)
         object.__setattr__(self, "context_buckets", _check_buckets("context_buckets", ctx, self.text_truncate))
         object.__setattr__(self, "label_buckets", _check_buckets("label_buckets", lab, self.label_truncate))
-        self.framing  # validates the framing fields (names an unknown framing)
+        # Built once (validating the framing fields): every batch asks for it.
+        object.__setattr__(self, "_framing", Framing(
+            text_truncate=self.text_truncate, label_truncate=self.label_truncate, context=self.context_framing,
+            label=self.label_framing, global_end_token=self.global_end_token))
 
     @property
     def framing(self) -> Framing:
-        return Framing(text_truncate=self.text_truncate, label_truncate=self.label_truncate,
-                       context=self.context_framing, label=self.label_framing,
-                       global_end_token=self.global_end_token)
+        return self._framing
 
     @classmethod
     def for_eval(cls, global_batch_size: int, **kwargs) -> PipelineConfig:

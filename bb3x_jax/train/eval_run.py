@@ -93,7 +93,7 @@ def generation_metrics(config: config_dict.ConfigDict, setup, params, split: str
     network = nnx.merge(setup.graphdef, params, setup.rest)
     return generation_eval.evaluate_generations(
         network, setup.tokenizer, examples, config_lib.generation_settings(config),
-        framing=config_lib.framing(config), batch_size=config.eval.generate_batch, judge=judge, reasons=reasons,
+        framing=setup.framing, batch_size=config.eval.generate_batch, judge=judge, reasons=reasons,
         seed=config.seed,
     ), examples
 

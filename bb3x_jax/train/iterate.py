@@ -126,7 +126,7 @@ def generate_split(config: config_dict.ConfigDict, workdir: str, iteration: int,
     network = nnx.merge(setup.graphdef, setup.params, setup.rest)
     settings = config_lib.generation_settings(config)
     responses = generation_eval.generate_texts(
-        network, setup.tokenizer, contexts, settings, framing=config_lib.framing(cfg),
+        network, setup.tokenizer, contexts, settings, framing=setup.framing,
         batch_size=config.eval.generate_batch,
         seed=config.seed + iteration,
     )

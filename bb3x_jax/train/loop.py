@@ -135,7 +135,7 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
             logging.info("train.init_from ignored: the run resumes from its own checkpoint")
     if jax.process_index() == 0:  # the tokenizer and framing go with the model (chat, generate, export)
         tokenizer_files.save_bundle(setup.tokenizer_spec, os.path.join(workdir, tokenizer_files.BUNDLE_DIR),
-                                    framing=config_lib.framing(config, setup.tokenizer_spec).to_dict())
+                                    framing=setup.framing.to_dict())
     log = metrics_log.MetricsLog(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
     ckpt_every = config.checkpoint.every_steps
     eval_every = train.eval_every

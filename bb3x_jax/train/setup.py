@@ -37,6 +37,8 @@ class Setup:
         self.mesh = sharding.make_mesh(config.mesh.to_dict())
         self.built, self.tokenizer = dataset.prepare_with_tokenizer(config, workdir) if with_data else (None, None)
         self.tokenizer_spec = dataset.tokenizer_spec(config, self.built) if with_data else None
+        # How every batch, generation and chat frames text: resolved once (it reads the checkpoint's files).
+        self.framing = config_lib.framing(config, self.tokenizer_spec) if with_data else None
         self.model_cfg, model = init_model(config, self.tokenizer, self.mesh)
         self.pad_id = self.model_cfg.pad_id
         if not with_optimizer:  # inference only: parameters, no optimizer state
@@ -61,8 +63,8 @@ class Setup:
         return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.params)))
 
     def iterator(self, split: str, *, train: bool) -> pipeline.BatchIterator:
-        source = dataset.batch_source(self.config, self.built, self.tokenizer, split)
-        config, sync = dataset.pipeline_config(self.config, train=train), None
+        source = dataset.batch_source(self.config, self.built, self.tokenizer, split, self.framing)
+        config, sync = dataset.pipeline_config(self.config, train=train, framing=self.framing), None
         if jax.process_count() > 1 and (len(config.context_buckets) > 1 or len(config.label_buckets) > 1):
             # All processes must pick the same bucket: a collective per batch, made in
             # this thread (pipeline.jax_length_sync), so no prefetching.
