@@ -17,16 +17,31 @@ Modes:
          train the tokenizer, and run real batches through a sharded jitted step.
 """
 
+import logging
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from bb3x_jax import config as config_lib
+from bb3x_jax import errors
+from bb3x_jax.modes import bench, chat, data, iterate, plan, train, train_judge
+from bb3x_jax.modes import eval as eval_mode
+
+MODES = {
+    "train": train.run,
+    "eval": eval_mode.run,
+    "chat": chat.run,
+    "iterate": iterate.run,
+    "train_judge": train_judge.run,
+    "bench": bench.run,
+    "plan": plan.run,
+    "data": data.run,
+}
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cringe.py", "Configuration file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/cringe", "Where everything this run writes goes.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "chat", "iterate", "train_judge", "bench", "plan", "data"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", list(MODES), "What to run.")
 
 
 class _QuietLibraries:
@@ -37,57 +52,19 @@ class _QuietLibraries:
 
 
 def main(argv):
-    try:
-        _run(argv)
-    except config_lib.ConfigError as error:  # a user's mistake: one line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _run(argv):
-    import logging
-
-    logging.getLogger("absl").addFilter(_QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = config_lib.validate(_CONFIG.value)
-    config_lib.initialize_distributed(config)
-    import tensorflow_datasets as tfds
-
-    tfds.disable_progress_bar()  # our own output says what happened
-    mode, workdir = _MODE.value, _WORKDIR.value
-    if mode in ("train", "iterate"):
-        from bb3x_jax.train import iterate, loop
-
-        try:
-            (loop.run if mode == "train" else iterate.run)(config, workdir)
-        except loop.Stopped as stopped:
-            print(stopped, file=sys.stderr)
-            sys.exit(128 + stopped.signum)  # the conventional status of a signalled job
-    elif mode == "eval":
-        from bb3x_jax.train import eval_run
-
-        eval_run.run(config, workdir)
-    elif mode == "chat":
-        from bb3x_jax import chat
-
-        chat.run(config, workdir)
-    elif mode == "train_judge":
-        from bb3x_jax.train import judge_train
-
-        judge_train.run(config, workdir)
-    elif mode == "bench":
-        from bb3x_jax.train import bench
-
-        bench.run(config, workdir)
-    elif mode == "plan":
-        from bb3x_jax.train import plan
-
-        plan.run(config, workdir)
-    elif mode == "data":
-        from bb3x_jax import data_check
-
-        data_check.run(config, workdir)
+    logging.getLogger("absl").addFilter(_QuietLibraries())
+    try:
+        config = config_lib.validate(_CONFIG.value)
+        config_lib.initialize_distributed(config)
+        MODES[_MODE.value](config, _WORKDIR.value)
+    except errors.ConfigError as error:  # a user's mistake: one line, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except errors.Stopped as stopped:
+        print(stopped, file=sys.stderr)
+        sys.exit(128 + stopped.signum)  # the conventional status of a signalled job
 
 
 if __name__ == "__main__":

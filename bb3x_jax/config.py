@@ -10,14 +10,10 @@ from __future__ import annotations
 from ml_collections import config_dict
 
 from bb3x_jax.data import framing as framing_lib
-from bb3x_jax.data import schema, tokenizer_files
+from bb3x_jax.data import schema
 from bb3x_jax.data.feedback import FeedbackPolicy
-
-
-class ConfigError(ValueError):
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"config.{key}: {message}")
+from bb3x_jax.data.tokenizers import files as tokenizer_files
+from bb3x_jax.errors import ConfigError
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -166,7 +162,7 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
     return config
 
 
-# Validation metrics (bb3x_jax.train.evaluate) a best checkpoint can be chosen by.
+# Validation metrics (bb3x_jax.eval.likelihood) a best checkpoint can be chosen by.
 EVAL_METRICS = tuple(
     f"{metric}_{name}" for metric in ("nll", "ppl", "token_acc") for name in ("positive", "negative", "unlabeled")
 ) + ("nll_gap_negative_minus_positive",)

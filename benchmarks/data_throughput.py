@@ -19,9 +19,10 @@ import os
 import shutil
 import time
 
-from bb3x_jax.data import builder, dataset, parallel, pipeline, synthetic, token_cache
-from bb3x_jax.data import tokenizer as tokenizer_lib
+from bb3x_jax.data import builder, parallel, pipeline, synthetic, token_cache
 from bb3x_jax.data.framing import Framing
+from bb3x_jax.data.tokenizers import base as tokenizer_lib
+from bb3x_jax.train import inputs as dataset
 
 
 def main() -> None:

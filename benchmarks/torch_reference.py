@@ -11,7 +11,7 @@ everything but the framework is the same:
 
 * architecture: the same preset (``bb3x_jax.model.config``), built as
   transformers' ``BlenderbotForConditionalGeneration`` / ``OPTForCausalLM``
-  through ``bb3x_jax.model.hf.hf_config_dict`` (the mapping our checkpoint
+  through ``bb3x_jax.model.formats.hf.hf_config_dict`` (the mapping our checkpoint
   export uses), or (``--backend parlai``) ParlAI's own
   ``TransformerGeneratorModel`` (prelayernorm encoder-decoder, or its
   decoder-only form with ``TransformerDecoderOnly``);
@@ -142,7 +142,7 @@ def build_hf(cfg: ModelConfig, attn: str):
     """(model, forward) with forward(context, label) -> logits [B, label, V] scoring label."""
     import transformers
 
-    from bb3x_jax.model.hf import hf_config_dict
+    from bb3x_jax.model.formats.hf import hf_config_dict
 
     fields = hf_config_dict(cfg)
     kind = fields.pop("model_type")

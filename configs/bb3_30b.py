@@ -10,7 +10,7 @@ vocabulary and merges beside it or in ``data.tokenizer.bpe_dir``) or a
 transformers OPT directory. Contexts are framed as BB3's OPT prompt
 (``bb3x_jax/data/prompts.py``): the vanilla dialogue instruction, "Person 1:" /
 "Person 2:" turns, "Person 2:" last; the reply is `` " " + text`` and ``</s>``.
-Export with ``python -m bb3x_jax.convert runs/bb3x_30b out --to hf``.
+Export with ``python -m bb3x_jax.cli.convert runs/bb3x_30b out --to hf``.
 
 Settings (configs/bb3_common.py): BB3x's fine-tuning settings for the OPT
 models are not published. The learning rate, warmup and clipping are BB3-3B's

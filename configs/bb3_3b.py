@@ -12,7 +12,7 @@ them) all come from that checkpoint. ``data.tokenizer.bpe_dir`` is where
 GPT-2's ``encoder.json`` / ``vocab.bpe`` are (ParlAI keeps them in
 ``<datapath>/gpt2``), unless they sit beside the model file. Export the result
 for ParlAI with
-``python -m bb3x_jax.convert runs/bb3x_3b out/model --to parlai``.
+``python -m bb3x_jax.cli.convert runs/bb3x_3b out/model --to parlai``.
 
 The settings are BB3-3B's fine-tuning recipe (configs/bb3_common.py): AdamW at
 learning rate 1e-6, gradient clipping at 1.0, 100 warmup steps, dropout 0.1,

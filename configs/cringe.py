@@ -35,7 +35,7 @@ def get_config() -> config_dict.ConfigDict:
     data.policy.reward_positive_threshold = config_dict.placeholder(float)
     # The tokenizer. kind: auto (the checkpoint's own when train.init_from is set, else
     # sentencepiece) | sentencepiece | checkpoint | parlai | hf | metaseq
-    # (bb3x_jax/data/tokenizer_files.py says where each format keeps its files).
+    # (bb3x_jax/data/tokenizers/files.py says where each format keeps its files).
     data.tokenizer = config_dict.ConfigDict(
         {
             "kind": "auto",
@@ -108,7 +108,7 @@ def get_config() -> config_dict.ConfigDict:
             # of this project (bb3x_jax.load); its vocabulary must be the tokenizer's.
             "init_from": "",
             # Read init_from's pickles with the full unpickler, which can run code from the
-            # file (bb3x_jax/model/pickles.py): only for files from a source you trust.
+            # file (bb3x_jax/model/formats/pickles.py): only for files from a source you trust.
             "trust_pickle": False,
         }
     )

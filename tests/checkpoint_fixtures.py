@@ -23,7 +23,7 @@ import warnings
 import numpy as np
 import torch
 
-from bb3x_jax.data import bpe
+from bb3x_jax.data.tokenizers import bpe
 
 _WORDS = ("hello hi how are you I do like love music cooking pasta science stars the a is what why "
           "because that sounds great interesting tell me more about your day? ! . , really yes no "
@@ -93,8 +93,9 @@ def parlai_trio_by_hand(path: str, encoder_json: str, *, model: str = "bart", te
     """The three files ParlAI's ``agent.save()`` writes, written in its layout without ParlAI:
     ``{"model", "optimizer", "optimizer_type", "number_training_updates"}``, a JSON ``.opt`` with
     ParlAI's option names (no ``datapath``, as ParlAI saves it) and the gpt2 ``.dict``."""
-    from bb3x_jax.model import build, parlai
+    from bb3x_jax.model import build
     from bb3x_jax.model.config import ModelConfig
+    from bb3x_jax.model.formats import parlai
 
     arch = {**ARCH, **arch}
     tokens, counts = bpe.parlai_gpt2_dict_tokens(encoder_json, fp16_pad=True)
@@ -181,7 +182,7 @@ def hf_opt_dir(directory: str, encoder_json: str, vocab_bpe: str, *, positions: 
 def metaseq_file(path: str, encoder_json: str, vocab_bpe: str, *, positions: int = 160, seed: int = 1) -> str:
     """A metaseq consolidated checkpoint (metaseq's key names and options) with fairseq's
     ``dict.txt`` and GPT-2's ``gpt2-vocab.json`` / ``gpt2-merges.txt`` beside it."""
-    from tests.model import test_metaseq
+    from tests.model.formats import test_metaseq
 
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from bb3x_jax import decoding
-from bb3x_jax.model import api, convert
+from bb3x_jax.model import api
+from bb3x_jax.model.formats import tables as convert
 from tests.model import hf_fixtures
 
 MAX_LEN = 12

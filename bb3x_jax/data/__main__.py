@@ -171,7 +171,9 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train_tokenizer(args) -> None:
-    from bb3x_jax.data import dataset, records, tokenizer
+    from bb3x_jax.data import records
+    from bb3x_jax.data.tokenizers import base as tokenizer
+    from bb3x_jax.train import inputs as dataset
 
     built = _prepare_quietly(args)
     texts = dataset.tokenizer_texts(records.TrainingRecords.of(built, "train"), args.max_sentences)
@@ -183,7 +185,7 @@ def cmd_train_tokenizer(args) -> None:
 
 def cmd_encode(args) -> None:
     from bb3x_jax.data import framing as framing_lib
-    from bb3x_jax.data import tokenizer_files
+    from bb3x_jax.data.tokenizers import files as tokenizer_files
 
     try:
         spec = tokenizer_files.resolve(args.kind, args.tokenizer, bpe_dir=args.bpe_dir, trust_pickle=args.trust_pickle)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from bb3x_jax.data.tokenizer import DEFAULT_CHARS_PER_TOKEN, DELIMITER, Tokenizer, _as_text, encode_contexts
+from bb3x_jax.data.tokenizers.base import DEFAULT_CHARS_PER_TOKEN, DELIMITER, Tokenizer, _as_text, encode_contexts
 
 CONTEXT_FRAMINGS = ("plain", "bart", "bb3_opt_prompt")
 LABEL_FRAMINGS = ("end_kept", "parlai")

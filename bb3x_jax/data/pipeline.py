@@ -48,7 +48,7 @@ from bb3x_jax.data.framing import (
     frame_context_rows,
     frame_label_rows,
 )
-from bb3x_jax.data.tokenizer import DEFAULT_CHARS_PER_TOKEN, Tokenizer, _as_text
+from bb3x_jax.data.tokenizers.base import DEFAULT_CHARS_PER_TOKEN, Tokenizer, _as_text
 
 STATE_FORMAT = "bb3x_jax.pipeline/1"
 BATCH_KEYS = ("context_ids", "label_ids", "feedback", "valid", "index")

@@ -29,7 +29,7 @@ import numpy as np
 from bb3x_jax.data import framing as framing_lib
 from bb3x_jax.data import parallel
 from bb3x_jax.data.framing import Framing
-from bb3x_jax.data.tokenizer import DEFAULT_CHARS_PER_TOKEN, Tokenizer, _as_text
+from bb3x_jax.data.tokenizers.base import DEFAULT_CHARS_PER_TOKEN, Tokenizer, _as_text
 
 FORMAT = "bb3x_jax.token_cache/1"
 _BLOCK = 2048

@@ -38,7 +38,8 @@ from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
 from bb3x_jax import config as config_lib
-from bb3x_jax.train import iterate, loop
+from bb3x_jax.modes import iterate
+from bb3x_jax.modes import train as loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bb3x_table.py", "Experiment configuration.",
                                           lock_config=True)

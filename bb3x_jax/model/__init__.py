@@ -1,5 +1,3 @@
-"""The BB3 model family in Flax NNX (encoder-decoder and OPT decoder-only).
-
-Empty until the model issue lands: the network, its presets and the PyTorch
-conversion live here. Nothing imports this package yet.
-"""
+"""The BB3 model family in Flax NNX (encoder-decoder and OPT decoder-only): the
+network, its presets, sharded construction, the feedback classifier, and
+checkpoint formats (``formats``) behind ``bb3x_jax.load``."""

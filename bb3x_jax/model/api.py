@@ -19,10 +19,10 @@ import numpy as np
 from absl import logging
 
 from bb3x_jax.data import framing as framing_lib
-from bb3x_jax.data import tokenizer_files
 from bb3x_jax.data.framing import Framing
-from bb3x_jax.model import pickles
+from bb3x_jax.data.tokenizers import files as tokenizer_files
 from bb3x_jax.model.config import ModelConfig
+from bb3x_jax.model.formats import pickles
 from bb3x_jax.model.transformer import Transformer
 
 
@@ -30,7 +30,7 @@ from bb3x_jax.model.transformer import Transformer
 class BB3Model:
     """A network, its config, and (where the checkpoint has one) its tokenizer.
 
-    ``tokenizer_spec`` names the tokenizer's files (``bb3x_jax.data.tokenizer_files``);
+    ``tokenizer_spec`` names the tokenizer's files (``bb3x_jax.data.tokenizers.files``);
     ``tokenizer`` loads it on first use and ``framing()`` frames text as the
     checkpoint's own agent (or this project's training run) did.
     """
@@ -81,7 +81,7 @@ class BB3Model:
     def save_orbax(self, path: str, *, step: int = 0) -> str:
         """This project's checkpoint layout (parameters + config), e.g. for ``train.init_from``;
         the tokenizer's files go to ``path/tokenizer``."""
-        from bb3x_jax.model import orbax_io
+        from bb3x_jax.model.formats import orbax as orbax_io
 
         folder = orbax_io.save_orbax(self.network, self.config, path, step=step)
         if self.tokenizer_spec is not None:
@@ -94,7 +94,7 @@ class BB3Model:
         ParlAI checkpoint (``"parlai"``: ``path``, ``path.opt``, ``path.dict``; needs the ParlAI
         dictionary the model came with). Returns the paths written."""
         if format == "hf":
-            from bb3x_jax.model import hf
+            from bb3x_jax.model.formats import hf
 
             hf.save_hf(self.network, self.config, path)
             spec = self.tokenizer_spec
@@ -105,7 +105,7 @@ class BB3Model:
                                 spec.kind, path)
             return [path]
         if format == "parlai":
-            from bb3x_jax.model import parlai
+            from bb3x_jax.model.formats import parlai
 
             spec = self.tokenizer_spec
             if spec is None or spec.kind != "parlai":
@@ -138,7 +138,7 @@ def load(path: str, *, bpe_dir: str = "", trust_pickle: bool = False) -> BB3Mode
     (the model file, with ``.opt`` and ``.dict`` beside it), or a metaseq (OPT)
     checkpoint: a consolidated file, one of its model-parallel parts / FSDP
     shards (the siblings are found and merged), or the folder holding them (see
-    ``bb3x_jax.model.metaseq``). A metaseq model exports with
+    ``bb3x_jax.model.formats.metaseq``). A metaseq model exports with
     ``save_pytorch(format="hf")`` like any OPT model.
 
     Also the project's own orbax checkpoints: a step folder
@@ -151,17 +151,17 @@ def load(path: str, *, bpe_dir: str = "", trust_pickle: bool = False) -> BB3Mode
     formats report a missing tokenizer when ``tokenizer`` is used.
 
     Pickled files (ParlAI, metaseq, transformers ``.bin``) are read by the safe
-    unpickler (``bb3x_jax.model.pickles``): a file that would need anything
+    unpickler (``bb3x_jax.model.formats.pickles``): a file that would need anything
     besides tensors and plain values is refused unless ``trust_pickle``.
     """
     path = os.path.expanduser(os.fspath(path))
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "config.json")):
-            from bb3x_jax.model import hf
+            from bb3x_jax.model.formats import hf
 
             network, cfg = hf.load_hf(path, trust_pickle=trust_pickle)
             return _with_tokenizer(BB3Model(network, cfg, source=path), "hf", path, bpe_dir)
-        from bb3x_jax.model import orbax_io
+        from bb3x_jax.model.formats import orbax as orbax_io
 
         if os.path.isdir(os.path.join(path, "checkpoints")):  # a training run's workdir
             path = os.path.join(path, "checkpoints")
@@ -175,14 +175,14 @@ def load(path: str, *, bpe_dir: str = "", trust_pickle: bool = False) -> BB3Mode
                 return model
             model.tokenizer_spec = tokenizer_files.read_bundle(bundle)
             return model
-        from bb3x_jax.model import metaseq
+        from bb3x_jax.model.formats import metaseq
 
         if metaseq.is_metaseq_dir(path, trust_pickle=trust_pickle):
             return _load_metaseq(path, bpe_dir, trust_pickle)
         raise FileNotFoundError(f"{path}: a folder without config.json (not a transformers directory)")
     if not os.path.isfile(path):
         raise FileNotFoundError(path)
-    from bb3x_jax.model import metaseq
+    from bb3x_jax.model.formats import metaseq
 
     if metaseq.is_metaseq_file(path, trust_pickle=trust_pickle):  # a memory-mapped peek; read layer by layer
         return _load_metaseq(path, bpe_dir, trust_pickle)
@@ -192,7 +192,7 @@ def load(path: str, *, bpe_dir: str = "", trust_pickle: bool = False) -> BB3Mode
         return _load_metaseq(path, bpe_dir, trust_pickle)
     if isinstance(checkpoint, dict) and "model" in checkpoint:  # ParlAI's weights file
         del checkpoint  # the loader maps the file again; never hold two copies
-        from bb3x_jax.model import parlai
+        from bb3x_jax.model.formats import parlai
 
         network, cfg, report = parlai.load_parlai(path, trust_pickle=trust_pickle)
         if report.ignored_keys:
@@ -220,7 +220,7 @@ def _with_tokenizer(model: BB3Model, kind: str, path: str, bpe_dir: str) -> BB3M
 
 
 def _load_metaseq(path: str, bpe_dir: str = "", trust_pickle: bool = False) -> BB3Model:
-    from bb3x_jax.model import metaseq
+    from bb3x_jax.model.formats import metaseq
 
     network, cfg, report = metaseq.load_metaseq(path, trust_pickle=trust_pickle)
     logging.info("bb3x_jax.load: %s", metaseq.summary(report))

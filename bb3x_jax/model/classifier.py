@@ -140,8 +140,8 @@ class FeedbackClassifier(nnx.Module):
 def encode_pairs(contexts: Sequence[str | bytes], responses: Sequence[str | bytes], tokenizer,
                  max_len: int) -> np.ndarray:
     """Left-padded int32 rows [n, max_len]: context tail, separator (end id), whole response."""
-    from bb3x_jax.data import bpe
-    from bb3x_jax.data import tokenizer as tokenizer_lib
+    from bb3x_jax.data.tokenizers import base as tokenizer_lib
+    from bb3x_jax.data.tokenizers import bpe
 
     if len(contexts) != len(responses):
         raise ValueError(f"{len(contexts)} contexts but {len(responses)} responses")

@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from bb3x_jax.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from bb3x_jax.data.tokenizers.base import SentencePieceTokenizer, train_sentencepiece
 
 _SYLLABLES = ["ba", "ke", "lo", "mi", "nu", "ra", "te", "shi", "an", "or", "en", "th", "ing", "st", "é", "ü", "ß"]
 

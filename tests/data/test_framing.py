@@ -15,8 +15,9 @@ import pytest
 
 import bb3x_jax
 from bb3x_jax.data import framing as framing_lib
-from bb3x_jax.data import pipeline, prompts, tokenizer_files
+from bb3x_jax.data import pipeline, prompts
 from bb3x_jax.data.framing import Framing
+from bb3x_jax.data.tokenizers import files as tokenizer_files
 from tests import checkpoint_fixtures as fx
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

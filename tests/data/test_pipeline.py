@@ -23,7 +23,7 @@ from bb3x_jax.data.pipeline import (
     global_batch_to_device,
     measure_throughput,
 )
-from bb3x_jax.data.tokenizer import encode_context, encode_label
+from bb3x_jax.data.tokenizers.base import encode_context, encode_label
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -375,7 +375,7 @@ _EIGHT_DEVICE_SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec
     from bb3x_jax.data.pipeline import BatchIterator, PipelineConfig, global_batch_to_device
-    from bb3x_jax.data.tokenizer import SentencePieceTokenizer
+    from bb3x_jax.data.tokenizers.base import SentencePieceTokenizer
 
     assert jax.device_count() == 8, jax.devices()
     tok = SentencePieceTokenizer.load(sys.argv[1])

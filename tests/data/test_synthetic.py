@@ -16,8 +16,7 @@ import signal
 
 import pytest
 
-from bb3x_jax.data import schema
-from bb3x_jax.data import synthetic
+from bb3x_jax.data import schema, synthetic
 from bb3x_jax.data.synthetic import BAD_REASONS, QUALITIES, is_good, judge, synthesize
 
 N_CONVERSATIONS = 2500

@@ -58,7 +58,7 @@ def test_convert_command_round_trip(tmp_path):
 
     encoder, _ = fx.gpt2_bpe(str(tmp_path / "src"))
     source = fx.parlai_trio_by_hand(str(tmp_path / "src" / "model"), encoder)
-    run = lambda *a, check=True: subprocess.run([sys.executable, "-m", "bb3x_jax.convert", *a], cwd=REPO,  # noqa: E731
+    run = lambda *a, check=True: subprocess.run([sys.executable, "-m", "bb3x_jax.cli.convert", *a], cwd=REPO,  # noqa: E731
                                                 capture_output=True, text=True, check=check)
     out = json.loads(run(source, str(tmp_path / "m.pt"), "--to", "parlai").stdout.strip().splitlines()[-1])
     assert out["parameters"] > 0 and out["variant"] == "prelayernorm"
@@ -80,7 +80,7 @@ def test_orbax_round_trip_through_the_convert_command(tmp_path):
     """hf -> orbax (convert CLI) -> load() -> hf keeps every parameter bit-exact and the logits equal."""
     hf, _ = hf_fixtures.tiny_blenderbot()
     hf.save_pretrained(tmp_path / "bb")
-    subprocess.run([sys.executable, "-m", "bb3x_jax.convert", str(tmp_path / "bb"), str(tmp_path / "ox"), "--to",
+    subprocess.run([sys.executable, "-m", "bb3x_jax.cli.convert", str(tmp_path / "bb"), str(tmp_path / "ox"), "--to",
                     "orbax"], cwd=REPO, capture_output=True, text=True, check=True)
     original = bb3x_jax.load(str(tmp_path / "bb"))
     restored = bb3x_jax.load(str(tmp_path / "ox"))  # the folder of steps: newest step
@@ -99,7 +99,7 @@ def test_init_from_places_converted_weights_and_checks_the_tokenizer(tmp_path):
     cannot hold, naming the key."""
     from bb3x_jax import config as config_lib
     from bb3x_jax import sharding
-    from bb3x_jax.train import setup as setup_lib
+    from bb3x_jax.train import runtime as setup_lib
     from configs import cringe
 
     hf, _ = hf_fixtures.tiny_blenderbot()

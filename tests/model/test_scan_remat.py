@@ -15,8 +15,10 @@ import pytest
 import torch
 from flax import nnx
 
-from bb3x_jax.model import config, convert, parlai, transformer
+from bb3x_jax.model import config, transformer
 from bb3x_jax.model.__main__ import count_parameters
+from bb3x_jax.model.formats import parlai
+from bb3x_jax.model.formats import tables as convert
 from tests.model import hf_fixtures
 
 CONTEXT = np.array([[5, 6, 7, 9, 11, 0], [8, 9, 10, 0, 0, 0]])
@@ -135,7 +137,7 @@ def test_abstract_scanned_model_is_filled_by_a_checkpoint():
 def test_scanned_model_to_transformers_and_back(tmp_path, kind):
     """transformers weights load into a scanned model; its export loads in transformers with our logits
     (1e-5) and re-imports bit-exact."""
-    from bb3x_jax.model import hf
+    from bb3x_jax.model.formats import hf
 
     hf_model, cfg = hf_fixtures.tiny_blenderbot() if kind == "blenderbot" else hf_fixtures.tiny_opt()
     scanned_cfg = cfg.replace(scan_layers=True)

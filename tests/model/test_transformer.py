@@ -9,7 +9,8 @@ import pytest
 import torch
 from flax import nnx
 
-from bb3x_jax.model import config, convert
+from bb3x_jax.model import config
+from bb3x_jax.model.formats import tables as convert
 from tests.model import hf_fixtures
 
 
@@ -94,7 +95,7 @@ def test_bad_model_config_is_refused():
 @pytest.mark.parametrize("kind", ["blenderbot", "opt"])
 def test_export_to_transformers_and_back(tmp_path, kind):
     """Export -> from_pretrained gives our logits; import of the export is bit-exact."""
-    from bb3x_jax.model import hf
+    from bb3x_jax.model.formats import hf
 
     hf_model, cfg = hf_fixtures.tiny_blenderbot() if kind == "blenderbot" else hf_fixtures.tiny_opt()
     hf_model.save_pretrained(tmp_path / "orig")

@@ -55,7 +55,7 @@ def _train(workdir: str, init_from: str, shared, *flags: str, config: str = "con
 
 
 def _convert(src: str, dst: str, to: str) -> dict:
-    run = subprocess.run([sys.executable, "-m", "bb3x_jax.convert", src, dst, "--to", to], cwd=REPO, env=_env(),
+    run = subprocess.run([sys.executable, "-m", "bb3x_jax.cli.convert", src, dst, "--to", to], cwd=REPO, env=_env(),
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -243,7 +243,7 @@ def test_every_mode_runs_with_a_parlai_checkpoints_tokenizer(shared, tmp_path):
     main("iterate")
     rows = json.load(open(os.path.join(workdir, "iterations", "results.json")))["rows"]
     assert [r["iteration"] for r in rows] == [0, 1]
-    generated = subprocess.run([sys.executable, "-m", "bb3x_jax.generate", workdir, "--max_len=6"], cwd=REPO,
+    generated = subprocess.run([sys.executable, "-m", "bb3x_jax.cli.generate", workdir, "--max_len=6"], cwd=REPO,
                                env=_env(), capture_output=True, text=True, timeout=600,
                                input='{"context": "hello there\\nhow are you?"}\n')
     assert generated.returncode == 0, generated.stderr[-3000:]

@@ -10,8 +10,8 @@ import shutil
 import pytest
 
 from bb3x_jax import config as config_lib
-from bb3x_jax.data import dataset
-from bb3x_jax.train import loop
+from bb3x_jax.modes import train as loop
+from bb3x_jax.train import inputs as dataset
 from configs import cringe as cringe_config
 
 STEPS = 150

@@ -35,7 +35,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.train.test_loop import REPO, RUN_FLAGS, SLOW_STEPS, STEPS, train_records
+from tests.modes.test_train import REPO, RUN_FLAGS, SLOW_STEPS, STEPS, train_records
 
 pytestmark = pytest.mark.slow  # 5.5 to 8.5 minutes on a 2-core machine: 4 jobs, each compiling the step
 
@@ -130,7 +130,8 @@ def final_params(workdir: str) -> dict[str, np.ndarray]:
     import jax
     from flax import nnx
 
-    from bb3x_jax.model import build, orbax_io
+    from bb3x_jax.model import build
+    from bb3x_jax.model.formats import orbax as orbax_io
     from bb3x_jax.train import checkpoint as checkpoint_lib
 
     directory = os.path.join(workdir, "checkpoints")

@@ -1,0 +1,98 @@
+"""``--mode=chat``: talk to a trained model in the terminal.
+
+The history is kept and framed exactly as training saw contexts (turns joined
+with the release's delimiter, then the run's framing: ``bb3x_jax.data.framing``),
+and responses come from ``config.generation``.
+Type ``[reset]`` to start a new conversation, ``[exit]`` (or end the input) to
+stop. Reads stdin line by line, so a conversation can be piped in as well.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from ml_collections import config_dict
+
+from bb3x_jax import config as config_lib
+from bb3x_jax.data.tokenizers.base import DELIMITER
+
+RESET, EXIT = "[reset]", "[exit]"
+
+
+class Conversation:
+    """One conversation's history and the model's replies to it."""
+
+    def __init__(self, network, tokenizer, config: config_dict.ConfigDict, framing=None):
+        from flax import nnx
+
+        from bb3x_jax import decoding
+
+        self.tokenizer = tokenizer
+        self.config = config
+        self.framing = framing or config_lib.framing(config)
+        self.settings = config_lib.generation_settings(config)
+        graphdef, self.state = nnx.split(network)
+        self.search = decoding.compiled_search(graphdef, self.settings)
+        self.history: list[str] = []
+        self.turns = 0
+
+    def reset(self) -> None:
+        self.history = []
+
+    def respond(self, message: str) -> str:
+        """Adds the human's message, generates the bot's reply, adds it too, returns it."""
+        import jax
+        import numpy as np
+
+        from bb3x_jax.data import framing as framing_lib
+        from bb3x_jax.eval import generation as generation_eval
+
+        self.history.append(" ".join(message.split()))  # one turn per line: no delimiters inside a turn
+        ids = framing_lib.context_ids([DELIMITER.join(self.history)], self.tokenizer, self.framing)
+        rows = np.full((1, self.framing.text_truncate), self.tokenizer.pad_id, np.int32)  # one shape: compiled once
+        rows[:, : ids.shape[1]] = ids
+        key = jax.random.fold_in(jax.random.key(self.config.seed), self.turns)
+        tokens, _ = self.search(self.state, rows, key)
+        self.turns += 1
+        reply = generation_eval.response_text(self.tokenizer, np.asarray(tokens)[0])
+        self.history.append(reply)
+        return reply
+
+
+def load_conversation(config: config_dict.ConfigDict, workdir: str) -> Conversation:
+    """The workdir's best (or ``eval.checkpoint``) parameters with the run's tokenizer."""
+    from flax import nnx
+
+    from bb3x_jax.modes import eval as eval_run
+    from bb3x_jax.train import checkpoint as checkpoint_lib
+    from bb3x_jax.train import runtime as setup_lib
+
+    setup = setup_lib.Setup(config, workdir, with_optimizer=False)
+    checkpoints = setup_lib.checkpointer(config, workdir)
+    step = eval_run.choose_step(checkpoints, config.eval.checkpoint)
+    checkpoints.close()
+    params, _ = checkpoint_lib.read_params(checkpoints.directory, checkpoint_lib.abstract(setup.params), step)
+    return Conversation(nnx.merge(setup.graphdef, params, setup.rest), setup.tokenizer, config, setup.framing)
+
+
+def run(config: config_dict.ConfigDict, workdir: str, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
+    conversation = load_conversation(config, workdir)
+    interactive = stdin.isatty()
+    print(f"Chatting with {workdir} ({RESET} starts over, {EXIT} or end of input stops).", file=stdout)
+    while True:
+        if interactive:
+            print("YOU: ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line or line.strip() == EXIT:
+            break
+        message = line.strip()
+        if not message:
+            continue
+        if message == RESET:
+            conversation.reset()
+            print("(new conversation)", file=stdout, flush=True)
+            continue
+        if not interactive:
+            print(f"YOU: {message}", file=stdout)
+        print(f"BOT: {conversation.respond(message)}", file=stdout, flush=True)

@@ -1,0 +1,191 @@
+"""``--mode=train``: the training loop, resumable to the bit.
+
+One run = one workdir. The loop prepares data and tokenizer (cached), builds
+the model sharded on the mesh (random, or from converted weights with
+``train.init_from``), and then either starts at step 0 or restores the newest
+whole checkpoint in ``workdir/checkpoints`` (parameters, optimizer state,
+step, RNG key and the data iterator's position), so a killed run continues
+exactly as if it had not stopped. It validates every ``train.eval_every``
+steps, keeps the best checkpoint by ``checkpoint.best_metric``, logs metrics
+as JSON lines and TensorBoard events, and plots the loss curves at the end.
+
+SIGTERM (preemption) and Ctrl-C finish the current step, save a checkpoint and
+stop; the run resumes from it when started again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from ml_collections import config_dict
+from tqdm import tqdm
+
+from bb3x_jax import config as config_lib
+from bb3x_jax.data import pipeline
+from bb3x_jax.data.tokenizers import files as tokenizer_files
+from bb3x_jax.errors import Stopped
+from bb3x_jax.eval import likelihood as eval_lib
+from bb3x_jax.train import checkpoint as checkpoint_lib
+from bb3x_jax.train import metrics_log
+from bb3x_jax.train import runtime as setup_lib
+
+# Fault injection for the resume tests: SIGKILL this process right after this
+# step (once the checkpoints started so far are on disk), as a preemption would.
+FAULT_KILL_ENV = "BB3X_FAULT_KILL_AFTER_STEP"
+# For the signal tests: sleep this many seconds after every step, so that a signal
+# sent once training is under way lands mid-run on a machine of any speed.
+FAULT_STEP_DELAY_ENV = "BB3X_FAULT_STEP_DELAY_S"
+
+
+class _StopRequests:
+    """Turns SIGTERM / SIGINT into a flag read between steps (a second Ctrl-C interrupts at once).
+
+    With several processes all must stop after the same step (the checkpoint save is
+    collective), so SIGTERM is left to JAX's preemption notifier, installed by
+    ``jax.distributed.initialize``: it tells every process, and they agree on a step
+    (``reached_preemption_sync_point``). A Python handler would replace that notifier
+    and let each process stop on its own. SIGINT keeps its default there.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else ():
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay as they are
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logging.warning("%s received: saving a checkpoint after this step", signal.Signals(signum).name)
+
+    def requested(self, step: int) -> bool:
+        if jax.process_count() > 1:  # every process must stop at the same step
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.signum = signal.SIGTERM
+                logging.warning("preemption notice: all processes save a checkpoint after step %d", step)
+            return self.signum is not None
+        return self.signum is not None
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_meta(setup: setup_lib.Setup, iterator_state: dict) -> dict:
+    import dataclasses
+
+    return {
+        "iterator": iterator_state,
+        "config": json.loads(setup.config.to_json_best_effort()),
+        "model_config": dataclasses.asdict(setup.model_cfg),
+    }
+
+
+def _maybe_inject_fault(step: int, checkpoints: checkpoint_lib.Checkpointer) -> None:
+    target = os.environ.get(FAULT_KILL_ENV)
+    if target and int(target) == step:
+        checkpoints.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+    delay = os.environ.get(FAULT_STEP_DELAY_ENV)
+    if delay:
+        time.sleep(float(delay))
+
+
+def _mean_metrics(window: list[dict]) -> dict[str, float]:
+    values = jax.device_get(window)
+    return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+
+
+def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
+    os.makedirs(workdir, exist_ok=True)
+    setup = setup_lib.Setup(config, workdir)
+    train = config.train
+    checkpoints = setup_lib.checkpointer(config, workdir)
+    state, start_step = setup.state, 0
+    iterator = setup.iterator("train", train=True)
+    restored = checkpoints.restore_latest(setup.state)
+    if restored is not None:
+        config_lib.check_resumable(restored.meta.get("config", {}), config)
+        state, start_step = restored.state, restored.step
+        iterator.set_state(restored.meta["iterator"])
+        print(f"Resumed from {checkpoints.directory}/{start_step}")
+        if train.init_from:
+            logging.info("train.init_from ignored: the run resumes from its own checkpoint")
+    if jax.process_index() == 0:  # the tokenizer and framing go with the model (chat, generate, export)
+        tokenizer_files.save_bundle(setup.tokenizer_spec, os.path.join(workdir, tokenizer_files.BUNDLE_DIR),
+                                    framing=setup.framing.to_dict())
+    log = metrics_log.MetricsLog(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
+    ckpt_every = config.checkpoint.every_steps
+    eval_every = train.eval_every
+    window, tokens_seen = [], 0
+    started = time.perf_counter()
+    valid: dict[str, Any] | None = None
+    try:
+        with _StopRequests() as stop, tqdm(total=train.steps, initial=start_step, desc=f"train {train.objective}",
+                                           unit="step", disable=jax.process_index() != 0) as bar:
+            for step in range(start_step + 1, train.steps + 1):
+                local = next(iterator)
+                tokens_seen += int((local["context_ids"] != setup.pad_id).sum()
+                                   + (local["label_ids"] != setup.pad_id).sum())
+                state, metrics = setup.train_step(state, pipeline.global_batch_to_device(local, setup.mesh))
+                window.append(metrics)
+                if step % train.log_every == 0 or step == train.steps:
+                    elapsed = time.perf_counter() - started
+                    values = {**_mean_metrics(window), "tokens_per_s": tokens_seen * jax.process_count() / elapsed}
+                    window = []
+                    log.write("train", step, values)
+                    bar.set_postfix(loss=f"{values['loss']:.3f}", ce=f"{values['ce_loss']:.3f}",
+                                    ct=f"{values['ct_loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
+                valid = None
+                if (eval_every and step % eval_every == 0) or step == train.steps:
+                    valid = setup.validate(state.params, state.rest)
+                    log.write("valid", step, valid)
+                    bar.write(f"step {step}: valid ppl_positive {valid['ppl_positive']:.3f} "
+                              f"gap {valid['nll_gap_negative_minus_positive']:.4f}")
+                stopping = stop.requested(step)
+                if step % ckpt_every == 0 or step == train.steps or valid is not None or stopping:
+                    checkpoints.save(step, state, _run_meta(setup, iterator.get_state()), metrics=valid)
+                bar.update(1)
+                _maybe_inject_fault(step, checkpoints)
+                if stopping:
+                    checkpoints.wait()
+                    raise Stopped(stop.signum, step)
+        checkpoints.wait()
+        if valid is None:  # resumed at the last step: nothing ran, read the final validation back
+            valid = checkpoints.read_meta(train.steps).get("metrics") or setup.validate(state.params, state.rest)
+        best_step = checkpoints.best_step()
+    finally:
+        iterator.close()
+        checkpoints.close()
+        log.close()
+    log.plot(title=f"{train.objective} / {config.model.preset}")
+    summary = {
+        "objective": train.objective, "steps": train.steps, "model": config.model.preset,
+        "parameters": setup.parameter_count, "resumed_from": start_step,
+        "train_s": round(time.perf_counter() - started, 1), "best_step": best_step,
+        "checkpoints": checkpoints.directory, "valid": metrics_log.json_safe(valid),
+    }
+    if jax.process_index() == 0:  # one writer of the workdir's logs (it is shared by all processes)
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print("\nvalid split (" + (f"{train.eval_batches} batches" if train.eval_batches else "all") + ")")
+        print(eval_lib.format_table(valid))
+        print(f"metrics: {log.path}  plot: {log.plot_path}  tensorboard: {os.path.join(workdir, 'tensorboard')}")
+        print(json.dumps(summary))
+    return summary

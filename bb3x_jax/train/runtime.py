@@ -1,0 +1,127 @@
+"""A run's parts built from the config: mesh, data, tokenizer, model, optimizer, step.
+
+Shared by the modes that need a model (train, eval, bench) so that each builds
+them the same way; ``with_data=False`` skips the data (bench uses synthetic
+batches and the preset's vocabulary).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from ml_collections import config_dict
+
+from bb3x_jax import config as config_lib
+from bb3x_jax import sharding
+from bb3x_jax.data import pipeline
+from bb3x_jax.eval import likelihood as eval_lib
+from bb3x_jax.model import build
+from bb3x_jax.train import checkpoint as checkpoint_lib
+from bb3x_jax.train import inputs as dataset
+from bb3x_jax.train import step as step_lib
+
+
+class Setup:
+    """Everything a run needs, built from the config (shared by train, eval and bench)."""
+
+    def __init__(self, config: config_dict.ConfigDict, workdir: str, *, with_data: bool = True,
+                 with_optimizer: bool = True):
+        from flax import nnx
+
+        self.config = config
+        self.workdir = workdir
+        self.mesh = sharding.make_mesh(config.mesh.to_dict())
+        self.built, self.tokenizer = dataset.prepare_with_tokenizer(config, workdir) if with_data else (None, None)
+        self.tokenizer_spec = dataset.tokenizer_spec(config, self.built) if with_data else None
+        # How every batch, generation and chat frames text: resolved once (it reads the checkpoint's files).
+        self.framing = config_lib.framing(config, self.tokenizer_spec) if with_data else None
+        self.model_cfg, model = init_model(config, self.tokenizer, self.mesh)
+        self.pad_id = self.model_cfg.pad_id
+        if not with_optimizer:  # inference only: parameters, no optimizer state
+            self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+            self.state = None
+            return
+        train = config.train
+        self.tx = step_lib.make_optimizer(
+            learning_rate=train.learning_rate, warmup_steps=train.warmup_steps, total_steps=train.steps,
+            weight_decay=train.weight_decay, clip_norm=train.clip_norm, grad_accum=train.grad_accum,
+        )
+        self.graphdef, self.state = step_lib.init_state(model, self.tx, config.seed, self.mesh)
+        self.params, self.rest = self.state.params, self.state.rest
+        self.train_step = sharding.MeshBound(step_lib.make_train_step(
+            self.graphdef, self.tx, objective=train.objective, alpha=train.alpha, k=train.k,
+            detach_positives=train.detach_positives, train_ce_on_positive=train.train_ce_on_positive,
+            pad_id=self.pad_id,
+        ), self.mesh)
+
+    @property
+    def parameter_count(self) -> int:
+        return int(sum(np.prod(x.shape) for x in jax.tree.leaves(self.params)))
+
+    def iterator(self, split: str, *, train: bool) -> pipeline.BatchIterator:
+        source = dataset.batch_source(self.config, self.built, self.tokenizer, split, self.framing)
+        config, sync = dataset.pipeline_config(self.config, train=train, framing=self.framing), None
+        if jax.process_count() > 1 and (len(config.context_buckets) > 1 or len(config.label_buckets) > 1):
+            # All processes must pick the same bucket: a collective per batch, made in
+            # this thread (pipeline.jax_length_sync), so no prefetching.
+            config, sync = dataclasses.replace(config, prefetch=0, workers=0), pipeline.jax_length_sync
+        return pipeline.BatchIterator(source, self.tokenizer, config, length_sync=sync)
+
+    def validate(self, params, rest, split: str = "valid", max_batches: int | None = None) -> dict[str, Any]:
+        if not hasattr(self, "_eval_step"):
+            self._eval_step = sharding.MeshBound(eval_lib.make_eval_step(self.graphdef, self.pad_id, self.mesh),
+                                                 self.mesh)
+        batches = self.config.train.eval_batches if max_batches is None else max_batches
+        with self.iterator(split, train=False) as iterator:
+            return eval_lib.evaluate(self._eval_step, params, rest, iterator, self.mesh, batches)
+
+
+def init_model(config: config_dict.ConfigDict, tokenizer, mesh):
+    """(ModelConfig, model): random from the preset, or the weights of ``train.init_from``."""
+    path = config.train.init_from
+    if not path:
+        if tokenizer is None:  # synthetic batches: the preset's own vocabulary
+            from bb3x_jax.model import config as model_config
+
+            cfg = model_config.preset(config.model.preset, **config_lib.model_overrides(config))
+        else:
+            cfg = config_lib.model_config(config, tokenizer)
+        return cfg, build.build(cfg, seed=config.seed, mesh=mesh)
+    from flax import nnx
+
+    from bb3x_jax.model import api
+
+    try:
+        loaded = api.load(path, bpe_dir=config.data.tokenizer.bpe_dir, trust_pickle=config.train.trust_pickle)
+    except (OSError, ValueError) as error:  # a missing or unreadable checkpoint file is the user's to fix
+        raise config_lib.ConfigError("train.init_from", str(error)) from None
+    cfg = loaded.config.replace(**config_lib.model_overrides(config))
+    config_lib.check_positions(config, cfg, "train.init_from", path)
+    if tokenizer is not None:
+        ids = {"pad_id": tokenizer.pad_id, "end_id": tokenizer.end_id}
+        wrong = {k: (getattr(cfg, k), v) for k, v in ids.items() if getattr(cfg, k) != v}
+        if wrong or tokenizer.vocab_size > cfg.vocab_size:
+            raise config_lib.ConfigError(
+                "train.init_from",
+                f"{path} does not fit the tokenizer: ids (model, tokenizer) {wrong}, "
+                f"vocab {cfg.vocab_size} vs {tokenizer.vocab_size}; configure data.tokenizer to the checkpoint's",
+            )
+    network = loaded.network
+    if cfg.scan_layers != loaded.config.scan_layers:  # stacked <-> per-layer parameters
+        from bb3x_jax.model.formats import tables as convert
+
+        network = convert.relayout(network, cfg)
+    params = nnx.state(network, nnx.Param)
+    logging.info("Initialised from %s (%s)", path, loaded.source)
+    return cfg, build.with_params(cfg, params, seed=config.seed, mesh=mesh)
+
+
+def checkpointer(config: config_dict.ConfigDict, workdir: str) -> checkpoint_lib.Checkpointer:
+    c = config.checkpoint
+    return checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep,
+                                       best_metric=c.best_metric, best_mode=c.best_mode, async_save=c.async_save)
