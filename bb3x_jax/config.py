@@ -7,13 +7,19 @@ bad run fails in its first second instead of after data preparation.
 
 from __future__ import annotations
 
+import json
+
+import jax
 from ml_collections import config_dict
 
+from bb3x_jax import decoding
 from bb3x_jax.data import framing as framing_lib
-from bb3x_jax.data import schema
+from bb3x_jax.data import pipeline, schema
 from bb3x_jax.data.feedback import FeedbackPolicy
 from bb3x_jax.data.tokenizers import files as tokenizer_files
 from bb3x_jax.errors import ConfigError
+from bb3x_jax.model import config as model_presets
+from bb3x_jax.model.config import REMAT_POLICIES
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -54,8 +60,6 @@ def feedback_policy(config: config_dict.ConfigDict) -> FeedbackPolicy:
 
 def generation_settings(config: config_dict.ConfigDict):
     """The ``generation`` section as ``decoding.Settings``; a bad value names its key."""
-    from bb3x_jax import decoding
-
     fields = {f: config.generation[f] for f in config.generation.keys()}
     try:
         return decoding.Settings(**fields)
@@ -81,13 +85,10 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
     _require(data.label_truncate > 1, "data.label_truncate", "must be at least 2 (label + end token)")
     framing(config)  # the tokenizer's files exist and the framing fits the truncation
     for key, truncate in (("context_buckets", data.text_truncate), ("label_buckets", data.label_truncate)):
-        buckets = tuple(data[key])
-        _require(
-            bool(buckets) and list(buckets) == sorted(set(buckets)) and buckets[0] > 0,
-            f"data.{key}",
-            f"must be strictly increasing positive lengths, got {buckets}",
-        )
-        _require(buckets[-1] >= truncate, f"data.{key}", f"largest bucket {buckets[-1]} is below the truncation {truncate}")
+        try:
+            pipeline.check_buckets(data[key], truncate)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"data.{key}", str(error)) from None
     _require(data.batch_size > 0, "data.batch_size", "must be positive")
     _require(data.prefetch >= 0, "data.prefetch", "must be >= 0")
     _require(data.pipeline_workers >= 0, "data.pipeline_workers", "must be >= 0")
@@ -105,15 +106,12 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
     _require(train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     _require(train.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     _require(train.log_every >= 1, "train.log_every", "must be >= 1")
-    from bb3x_jax.model import config as model_config
-
-    _require(config.model.preset in model_config.PRESETS, "model.preset",
-             f"{config.model.preset!r} is not one of {', '.join(model_config.PRESETS)}")
+    _require(config.model.preset in model_presets.PRESETS, "model.preset",
+             f"{config.model.preset!r} is not one of {', '.join(model_presets.PRESETS)}")
     _require(0.0 <= config.model.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     for key in ("dtype", "param_dtype"):
         _require(config.model[key] in ("float32", "bfloat16"), f"model.{key}",
                  f"{config.model[key]!r} is not float32 or bfloat16")
-    from bb3x_jax.model.config import REMAT_POLICIES
 
     _require(config.model.remat in REMAT_POLICIES, "model.remat",
              f"{config.model.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
@@ -199,8 +197,6 @@ def check_resumable(saved: dict, config: config_dict.ConfigDict) -> None:
     workers is allowed (the mesh only changes placement); anything else that
     differs from the checkpoint's config is an error.
     """
-    import json
-
     now = _flatten(json.loads(config.to_json_best_effort()))
     before = _flatten(saved)
     changed = sorted(
@@ -215,9 +211,7 @@ def check_resumable(saved: dict, config: config_dict.ConfigDict) -> None:
 
 def model_config(config: config_dict.ConfigDict, tokenizer):
     """The network's config: the preset, with the tokenizer's vocabulary and special ids."""
-    from bb3x_jax.model import config as model_config
-
-    cfg = model_config.preset(
+    cfg = model_presets.preset(
         config.model.preset,
         vocab_size=tokenizer.vocab_size,
         pad_id=tokenizer.pad_id,
@@ -243,7 +237,6 @@ def initialize_distributed(config: config_dict.ConfigDict) -> None:
     dist = config.distributed
     if not dist.enabled:
         return
-    import jax
 
     kwargs = {}
     if dist.coordinator_address:

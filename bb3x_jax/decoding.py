@@ -72,6 +72,21 @@ class Settings:
 BB3_BEAM = dict(method="beam", beam_size=10, min_len=20, block_ngram=3, context_block_ngram=3)
 
 
+def pad_batch(contexts, *, rows: int, width: int, pad_id: int, filler_id: int | None = None) -> np.ndarray:
+    """Context ids (a list of id lists, or a padded 2-D array) as a [rows, width] int32 batch.
+
+    Inference compiles once per shape, so callers keep ``rows`` and ``width``
+    fixed and fill the batch; rows beyond ``contexts`` hold ``filler_id`` at
+    position 0 when given (a search over an all-pad row is ill-defined).
+    """
+    batch = np.full((rows, width), pad_id, np.int32)
+    for i, ids in enumerate(contexts):
+        batch[i, : len(ids)] = ids
+    if filler_id is not None:
+        batch[len(contexts):, 0] = filler_id
+    return batch
+
+
 def generate(network, context_ids, settings: Settings, seed: int = 0) -> np.ndarray:
     """Generated ids [batch, <= max_len] (no context, no start token), padded after the end token.
 

@@ -4,6 +4,7 @@ Every array the project shards names its dimensions logically (``batch``,
 ``embed``, ``mlp``...); ``LOGICAL_RULES`` alone decides where each goes on the
 mesh ``('data', 'fsdp', 'tensor')``. The same code then runs on 1 CPU, 8
 simulated devices, one GPU or a pod: only the mesh shape changes.
+``put_batch`` places input batches by the same table.
 """
 
 from __future__ import annotations
@@ -87,6 +88,25 @@ def logical_to_spec(logical_axes: Sequence[str | None], mesh: Mesh | None = None
 
 def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None]) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(logical_axes, mesh))
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh_or_sharding: Mesh | NamedSharding) -> dict[str, jax.Array]:
+    """This process's rows of a batch as global ``jax.Array``s on the mesh.
+
+    The batch dimension is sharded as the logical axis ``batch`` (the
+    data-parallel mesh axes), the other dimensions are replicated; or every
+    array takes the given sharding. Processes hand in their own contiguous
+    rows, in process order. int64 becomes int32 unless x64 is enabled (indices fit).
+    """
+    if isinstance(mesh_or_sharding, Mesh):
+        mesh_or_sharding = logical_sharding(mesh_or_sharding, ("batch",))
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        if value.dtype == np.int64 and not jax.config.jax_enable_x64:
+            value = value.astype(np.int32)
+        out[key] = jax.make_array_from_process_local_data(mesh_or_sharding, value)
+    return out
 
 
 def batch_size_multiple(mesh: Mesh) -> int:

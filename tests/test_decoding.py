@@ -8,7 +8,7 @@ import torch
 
 from bb3x_jax import decoding
 from bb3x_jax.model import api
-from bb3x_jax.model.formats import tables as convert
+from bb3x_jax.model.formats import tables
 from tests.model import hf_fixtures
 
 MAX_LEN = 12
@@ -17,7 +17,7 @@ MAX_LEN = 12
 def _blenderbot(scan: bool):
     hf, cfg = hf_fixtures.chatty_blenderbot(end_bias=2.0)
     model = hf_fixtures.new_model(cfg.replace(scan_layers=scan))
-    convert.load_state_dict(model, hf.state_dict(), *convert.hf_blenderbot_table(cfg))
+    tables.load_state_dict(model, hf.state_dict(), *tables.hf_blenderbot_table(cfg))
     rng = np.random.default_rng(0)
     context = rng.integers(3, cfg.vocab_size, (10, 8))
     context[1, 5:] = 0
@@ -28,7 +28,7 @@ def _blenderbot(scan: bool):
 def _opt(scan: bool):
     hf, cfg = hf_fixtures.chatty_opt(end_bias=2.0)
     model = hf_fixtures.new_model(cfg.replace(scan_layers=scan))
-    convert.load_state_dict(model, hf.state_dict(), *convert.hf_opt_table(cfg))
+    tables.load_state_dict(model, hf.state_dict(), *tables.hf_opt_table(cfg))
     rng = np.random.default_rng(0)
     context = rng.integers(3, cfg.vocab_size, (10, 8))
     context[:, 0] = 2
@@ -86,7 +86,7 @@ def test_generated_pad_ids_are_tokens_like_any_other(method):
     (its mask comes from the generated length, not from comparing ids with pad), as in transformers."""
     hf, cfg = hf_fixtures.chatty_opt(end_bias=1.0, pad_bias=1.6)
     model = hf_fixtures.new_model(cfg)
-    convert.load_state_dict(model, hf.state_dict(), *convert.hf_opt_table(cfg))
+    tables.load_state_dict(model, hf.state_dict(), *tables.hf_opt_table(cfg))
     context = np.random.default_rng(1).integers(3, cfg.vocab_size, (10, 8))
     context[:, 0] = 2
     context[1, 5:] = 1

@@ -35,3 +35,20 @@ def test_unknown_logical_axis_is_an_error():
     """A typo in a logical axis name is caught, not silently replicated."""
     with pytest.raises(KeyError, match="'embd'"):
         sharding.logical_to_spec(("embd",))
+
+
+def test_put_batch_places_rows_by_the_batch_rule_or_a_given_sharding():
+    """put_batch shards rows as the logical axis ``batch`` (int64 becomes int32 without x64), or uses the
+    sharding it is given; the values are unchanged."""
+    import numpy as np
+    from jax.sharding import NamedSharding
+
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    batch = {"ids": np.arange(12, dtype=np.int32).reshape(4, 3), "index": np.arange(4, dtype=np.int64)}
+    placed = sharding.put_batch(batch, mesh)
+    assert placed["ids"].sharding == sharding.logical_sharding(mesh, ("batch",))
+    assert placed["index"].dtype == (np.int64 if jax.config.jax_enable_x64 else np.int32)
+    for key, value in batch.items():
+        np.testing.assert_array_equal(np.asarray(placed[key]), value)
+    replicated = NamedSharding(mesh, P())
+    assert sharding.put_batch(batch, replicated)["ids"].sharding == replicated

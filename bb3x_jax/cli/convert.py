@@ -22,6 +22,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from bb3x_jax.model.api import load
+
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bb3x_jax.cli.convert", description=__doc__.split("\n")[0])
@@ -33,7 +35,6 @@ def main(argv=None) -> None:
                         help="read SRC's pickles with the full unpickler, which can run code from the file: only for "
                              "files from a source you trust (bb3x_jax/model/formats/pickles.py)")
     args = parser.parse_args(argv)
-    from bb3x_jax.model.api import load
 
     try:
         model = load(args.src, bpe_dir=args.bpe_dir, trust_pickle=args.trust_pickle)

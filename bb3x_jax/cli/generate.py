@@ -94,8 +94,6 @@ def _tokenizer_and_framing(model):
 def main(argv):
     if len(argv) != 2:
         raise app.UsageError("usage: python -m bb3x_jax.cli.generate MODEL [flags]")
-    import numpy as np
-
     try:
         settings = _settings()
         model = api.load(argv[1], bpe_dir=_BPE_DIR.value, trust_pickle=_TRUST_PICKLE.value)
@@ -108,9 +106,7 @@ def main(argv):
     width = max((len(r) for r in rows), default=1)
     for start in range(0, len(rows), _BATCH.value):
         chunk = rows[start : start + _BATCH.value]
-        batch = np.full((len(chunk), width), pad, np.int32)
-        for i, ids in enumerate(chunk):
-            batch[i, : len(ids)] = ids
+        batch = decoding.pad_batch(chunk, rows=len(chunk), width=width, pad_id=pad)
         generated = decoding.generate(model.network, batch, settings, seed=_SEED.value)
         for record, ids in zip(records[start : start + _BATCH.value], generated):
             ids = [int(t) for t in ids]

@@ -17,14 +17,20 @@ tokenizer and its framing (``bb3x_jax.data.framing``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import textwrap
 import time
 
-from bb3x_jax.data import extract, parallel, release, schema, streams, synthetic
+import tensorflow_datasets as tfds
+
+from bb3x_jax.data import builder, extract, parallel, records, release, schema, streams, synthetic
+from bb3x_jax.data import framing as framing_lib
 from bb3x_jax.data.feedback import DEFAULT_POLICY, FeedbackPolicy
+from bb3x_jax.data.tokenizers import base as tokenizer
+from bb3x_jax.data.tokenizers import files as tokenizer_files
 
 
 def _add_release_args(parser: argparse.ArgumentParser, split: bool = True) -> None:
@@ -142,12 +148,6 @@ def cmd_display(args) -> None:
 
 def _prepare_quietly(args):
     """Prepares the dataset with TFDS's own messages sent to stderr (stdout carries our JSON)."""
-    import contextlib
-
-    import tensorflow_datasets as tfds
-
-    from bb3x_jax.data import builder
-
     tfds.disable_progress_bar()
     with contextlib.redirect_stdout(sys.stderr):
         return builder.prepare(
@@ -162,8 +162,6 @@ def _prepare_quietly(args):
 
 
 def cmd_prepare(args) -> None:
-    from bb3x_jax.data import builder
-
     built = _prepare_quietly(args)
     out = {"data_dir": str(built.data_dir), "splits": {s: builder.num_examples(built, s) for s in schema.SPLITS}}
     out["reports"] = {s: builder.split_report(built, s) for s in schema.SPLITS}
@@ -171,12 +169,8 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train_tokenizer(args) -> None:
-    from bb3x_jax.data import records
-    from bb3x_jax.data.tokenizers import base as tokenizer
-    from bb3x_jax.train import inputs as dataset
-
     built = _prepare_quietly(args)
-    texts = dataset.tokenizer_texts(records.TrainingRecords.of(built, "train"), args.max_sentences)
+    texts = records.tokenizer_texts(records.TrainingRecords.of(built, "train"), args.max_sentences)
     tok = tokenizer.train_sentencepiece(
         texts, args.out, vocab_size=args.vocab_size, seed=args.seed, extra_options={"hard_vocab_limit": False}
     )
@@ -184,9 +178,6 @@ def cmd_train_tokenizer(args) -> None:
 
 
 def cmd_encode(args) -> None:
-    from bb3x_jax.data import framing as framing_lib
-    from bb3x_jax.data.tokenizers import files as tokenizer_files
-
     try:
         spec = tokenizer_files.resolve(args.kind, args.tokenizer, bpe_dir=args.bpe_dir, trust_pickle=args.trust_pickle)
         tok = tokenizer_files.load(spec)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from array_record.python import array_record_module
 
 from bb3x_jax.data import extract, parallel, release, schema, streams
 from bb3x_jax.data.feedback import DEFAULT_POLICY, FeedbackPolicy
@@ -140,7 +141,6 @@ class Bb3xDeployment(tfds.core.GeneratorBasedBuilder):
         """
         if self._num_workers <= 0 or download_config.max_examples_per_split is not None:
             return super()._generate_splits(dl_manager, download_config)
-        from array_record.python import array_record_module
 
         location = self._locate(dl_manager)
         infos = []

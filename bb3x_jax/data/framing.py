@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from bb3x_jax.data.tokenizers.base import DEFAULT_CHARS_PER_TOKEN, DELIMITER, Tokenizer, _as_text, encode_contexts
+from bb3x_jax.data import prompts
+from bb3x_jax.data.tokenizers.base import DEFAULT_CHARS_PER_TOKEN, DELIMITER, Tokenizer, as_text, encode_contexts
 
 CONTEXT_FRAMINGS = ("plain", "bart", "bb3_opt_prompt")
 LABEL_FRAMINGS = ("end_kept", "parlai")
@@ -291,11 +292,9 @@ def for_tokenizer(spec, text_truncate: int, label_truncate: int, *, context: str
 def frame_context_rows(texts: Sequence[str | bytes], tokenizer: Tokenizer, framing: Framing,
                        chars_per_token: float = DEFAULT_CHARS_PER_TOKEN) -> TokenRows:
     """The encoder inputs (decoder-only: the prompts) of ``texts`` under ``framing``."""
-    texts = [_as_text(t) for t in texts]
+    texts = [as_text(t) for t in texts]
     T = framing.text_truncate
     if framing.context == "bb3_opt_prompt":
-        from bb3x_jax.data import prompts
-
         stream, lengths = flatten_rows(prompts.encode_bb3_opt_prompts(texts, tokenizer, T))
         return TokenRows(stream, np.cumsum(lengths) - lengths, lengths)
     rows = encode_context_rows(texts, tokenizer, T - framing.global_end_token, chars_per_token)
@@ -308,10 +307,8 @@ def frame_context_rows(texts: Sequence[str | bytes], tokenizer: Tokenizer, frami
 
 def frame_label_rows(labels: Sequence[str | bytes], tokenizer: Tokenizer, framing: Framing) -> TokenRows:
     """The decoder targets of ``labels`` under ``framing``."""
-    labels = [_as_text(x) for x in labels]
+    labels = [as_text(x) for x in labels]
     if framing.context == "bb3_opt_prompt":
-        from bb3x_jax.data import prompts
-
         labels = [prompts.BB3_OPT_LABEL_PREFIX + x for x in labels]
     return encode_label_rows(labels, tokenizer, framing.label_truncate, keep_end=framing.label == "end_kept")
 

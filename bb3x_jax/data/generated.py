@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -92,8 +93,6 @@ def write_split(path: str, examples: Sequence[dict[str, Any]], meta: dict[str, A
 
 
 def _replace_dir(tmp: str, path: str) -> None:
-    import shutil
-
     old = f"{path}.old-{os.getpid()}"
     os.replace(path, old)
     os.replace(tmp, path)

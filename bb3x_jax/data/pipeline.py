@@ -1,14 +1,30 @@
 """Input pipeline: prepared examples -> fixed-shape, process-sharded token batches.
 
-Design (why it looks like this):
+The loader is grain: a ``grain.MapDataset`` whose element ``k`` is the ``k``-th
+batch of the run (its global example indices, then this process's rows of
+them, then the framed and padded token arrays), iterated by grain with its
+read thread (``prefetch``) or its worker processes (``mp_prefetch``,
+``workers``). Framing lives in ``bb3x_jax.data.framing``; placing a batch on
+the device mesh is ``bb3x_jax.sharding.put_batch`` (applied here when the
+iterator is given a mesh).
 
 * Order is a pure function of ``(seed, epoch)``: epoch ``e`` visits the source
   in ``Philox(key=(seed, e)).permutation(N)`` order (identity when not
   shuffling) and global batch ``s`` of that epoch is the slice
-  ``[s*B, (s+1)*B)``. The iterator's whole state is therefore two integers
-  (epoch, step in epoch) plus a fingerprint of what defines the order; it is
-  JSON-serialisable and independent of the number of processes, so a run may
-  resume on a different host count.
+  ``[s*B, (s+1)*B)`` (``epoch_permutation``; grain's own shuffle is another
+  permutation with 32-bit seeds, so it would change every run's batches).
+  A batch is a pure function of its position ``k``, so prefetching threads or
+  workers cannot change what is yielded.
+* State: grain's iterator state ``{"next_index": k}`` plus the epoch, the step
+  in the epoch and a fingerprint of what defines the order. It is JSON and
+  independent of the number of processes and of workers/prefetch, so a run may
+  resume on another host count or worker count. With worker processes grain's
+  own state is per worker (``test_grain_worker_state_depends_on_worker_count``),
+  so a worker pipeline resumes by starting grain at ``k`` instead.
+* Batching of global indices is a slice of the epoch's permutation, one call per
+  batch: grain's ``MapDataset.batch`` reads its parent one element at a time
+  (``test_grain_batch_reads_one_element_at_a_time``), which caps a token cache
+  far below its speed.
 * Multi-host: every process computes the same global batch and takes its own
   contiguous block of ``B/P`` rows, so concatenating the processes' batches in
   process order gives the single-process batch. Only the local rows are read
@@ -16,51 +32,50 @@ Design (why it looks like this):
 * Fixed shapes: contexts (labels) are padded to the smallest configured bucket
   that holds the longest row of the batch, so the train step compiles once per
   bucket, not once per length. With several processes every one must choose the
-  same bucket; that needs the global maximum length (``length_sync``).
+  same bucket; that needs the global maximum length (``length_sync``), a
+  collective made in the calling thread (so no prefetch then).
 * Eval (``drop_remainder=False``): the final partial batch is padded with rows
   that have ``valid=False``, ``index=-1``, feedback -1 and only pad tokens, so
   every example is seen exactly once and shapes stay fixed.
-* An optional background thread prepares the next batches; the state reported
-  is that of the batches handed out, and since a batch is a pure function of its
-  position the thread cannot change what is yielded.
-
-Grain's ``MapDataset`` was considered; the plain scheme above is used because
-its state is trivially exact, process-count-free and needs no worker processes
-(batched sentencepiece is fast enough in-process).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import queue
-import threading
-import time
-import weakref
+import sys
 from collections.abc import Callable
-from typing import Any
 
+import grain
+import jax
 import numpy as np
+from absl import flags
+from jax.experimental import multihost_utils
 
-from bb3x_jax.data.framing import (
-    Framing,
-    TokenRows,
-    frame_context_rows,
-    frame_label_rows,
-)
-from bb3x_jax.data.tokenizers.base import DEFAULT_CHARS_PER_TOKEN, Tokenizer, _as_text
+from bb3x_jax import sharding
+from bb3x_jax.data.framing import Framing, TokenRows, frame_context_rows, frame_label_rows
+from bb3x_jax.data.tokenizers.base import DEFAULT_CHARS_PER_TOKEN, Tokenizer, as_text
 
 STATE_FORMAT = "bb3x_jax.pipeline/1"
 BATCH_KEYS = ("context_ids", "label_ids", "feedback", "valid", "index")
 
 
-def _check_buckets(name: str, buckets: tuple[int, ...], truncate: int) -> tuple[int, ...]:
+def check_buckets(buckets, truncate: int) -> tuple[int, ...]:
+    """Bucket lengths as ints; ValueError unless strictly increasing, positive and reaching ``truncate``
+    (the config's validation and ``PipelineConfig`` both ask here)."""
     buckets = tuple(int(b) for b in buckets)
     if not buckets or any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
-        raise ValueError(f"{name} must be strictly increasing positive ints, got {buckets}")
+        raise ValueError(f"must be strictly increasing positive lengths, got {buckets}")
     if buckets[-1] < truncate:
-        raise ValueError(f"largest of {name} ({buckets[-1]}) is below the truncation length {truncate}")
+        raise ValueError(f"largest bucket {buckets[-1]} is below the truncation {truncate}")
     return buckets
+
+
+def _check_buckets(name: str, buckets, truncate: int) -> tuple[int, ...]:
+    try:
+        return check_buckets(buckets, truncate)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +86,9 @@ class PipelineConfig:
     ``(label_truncate,)``: one shape, one compilation. ``num_epochs=None``
     repeats forever. ``drop_remainder=True`` (training) drops each epoch's last
     partial batch; False (eval) pads it with invalid rows. ``workers`` > 0
-    builds batches in that many spawned processes (each batch is a pure
+    builds batches in that many grain worker processes (each batch is a pure
     function of its position, so the output is identical); ``prefetch`` is the
-    number of batches a background thread prepares ahead (0: none).
+    number of batches grain's read thread prepares ahead (0: none).
     """
 
     global_batch_size: int
@@ -141,108 +156,144 @@ def _pick_bucket(buckets: tuple[int, ...], longest: int) -> int:
 
 def jax_length_sync(local_max: np.ndarray) -> np.ndarray:
     """Global max of per-process lengths: a collective, hence ``prefetch=0``."""
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(np.asarray(local_max, np.int32))).reshape(-1, 2).max(axis=0)
 
 
-class _Prefetcher:
-    """Produces batches from a start position in a daemon thread, ``depth`` ahead.
+def steps_per_epoch(num_examples: int, config: PipelineConfig) -> int:
+    """Global batches per epoch: full ones only, or with the last one padded (eval)."""
+    B = config.global_batch_size
+    return num_examples // B if config.drop_remainder else math.ceil(num_examples / B)
 
-    The thread holds only a weak reference to the iterator, so an iterator that
-    is dropped without ``close()`` is still collected and its thread ends.
+
+class BatchOrder:
+    """Random access to the run's global batches of example indices: item ``k`` is
+    batch ``k % steps`` of epoch ``k // steps`` (int64 [B], -1 on eval padding slots).
+
+    The grain source of the pipeline; ``len()`` covers ``num_epochs`` (about
+    ``sys.maxsize`` positions when repeating forever). A batch is one slice of the
+    permutation, not grain's ``batch`` (test_grain_batch_reads_one_element_at_a_time).
     """
 
-    def __init__(self, produce: Callable[[tuple[int, int]], Any], start: tuple[int, int], depth: int):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(weakref.WeakMethod(produce), start), daemon=True)
-        self._thread.start()
+    def __init__(self, num_examples: int, config: PipelineConfig):
+        self._num_examples = int(num_examples)
+        self._config = config
+        self.steps_per_epoch = steps_per_epoch(self._num_examples, config)
+        if config.num_epochs is not None:
+            self._len = self.steps_per_epoch * config.num_epochs
+        else:
+            self._len = (sys.maxsize // max(self.steps_per_epoch, 1)) * self.steps_per_epoch
+        self._cache: tuple[int, np.ndarray] | None = None
 
-    def _put(self, item, produce_ref) -> bool:
-        while not self._stop.is_set() and produce_ref() is not None:
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def __len__(self) -> int:
+        return self._len
 
-    def _run(self, produce_ref, pos):
-        try:
-            while not self._stop.is_set():
-                produce = produce_ref()
-                if produce is None:
-                    return
-                item = produce(pos)
-                del produce
-                if not self._put(("ok", item), produce_ref) or item is None:
-                    return
-                pos = item[1]
-        except BaseException as e:  # surfaced in the consumer
-            self._put(("error", e), produce_ref)
+    def _permutation(self, epoch: int) -> np.ndarray:
+        cached = self._cache
+        if cached is None or cached[0] != epoch:
+            c = self._config
+            cached = (epoch, epoch_permutation(self._num_examples, c.seed, epoch, c.shuffle))
+            self._cache = cached
+        return cached[1]
 
-    def get(self):
-        kind, item = self._queue.get()
-        if kind == "error":
-            raise item
-        return item
+    def __getitem__(self, k: int) -> np.ndarray:
+        if not 0 <= k < self._len:
+            raise IndexError(f"batch position {k} outside [0, {self._len})")
+        epoch, step = divmod(int(k), self.steps_per_epoch)
+        B = self._config.global_batch_size
+        indices = self._permutation(epoch)[step * B : (step + 1) * B]
+        if len(indices) < B:  # the padded last batch of an eval epoch
+            indices = np.concatenate([indices, np.full(B - len(indices), -1, np.int64)])
+        return indices
 
-    def close(self):
-        self._stop.set()
-        if threading.current_thread() is not self._thread:
-            self._thread.join()
+    def __getstate__(self):  # workers rebuild the permutation cache themselves
+        return {**self.__dict__, "_cache": None}
 
 
-_WORKER_ITERATOR: "BatchIterator | None" = None
+@dataclasses.dataclass(frozen=True)
+class ProcessRows:
+    """This process's contiguous block of rows of a global batch."""
+
+    start: int
+    size: int
+
+    def __call__(self, global_indices: np.ndarray) -> np.ndarray:
+        return global_indices[self.start : self.start + self.size]
 
 
-def _worker_init(source, tokenizer, config, process_index, process_count) -> None:
-    global _WORKER_ITERATOR
-    config = dataclasses.replace(config, prefetch=0, workers=0)
-    _WORKER_ITERATOR = BatchIterator(source, tokenizer, config, process_index=process_index, process_count=process_count)
+class BatchBuilder:
+    """Local example indices (-1: padding) -> the fixed-shape numpy batch (module docstring).
 
-
-def _worker_produce(pos):
-    return _WORKER_ITERATOR._produce(pos)
-
-
-class _ProcessPrefetcher:
-    """Builds batches in spawned worker processes, ``depth`` positions ahead, in order.
-
-    Tokenization holds the GIL, so threads cannot use a second core; processes
-    can. Each worker owns a copy of the iterator and builds the batch at a
-    given position, which is all a batch depends on, so the order and the
-    contents are those of the in-process iterator.
+    ``source``: ``len()`` and ``source[i]`` -> dict with ``context``, ``label``
+    (str or UTF-8 bytes) and ``feedback`` (int); ``source.__getitems__`` is
+    used for batched reads when present (tfds data sources); a token cache
+    (``token_cache.TokenizedSource``) hands out framed rows through ``token_rows``.
     """
 
-    def __init__(self, worker_args, start, following, depth: int, workers: int):
-        import collections
-        import multiprocessing
+    def __init__(self, source, tokenizer: Tokenizer, config: PipelineConfig,
+                 length_sync: Callable[[np.ndarray], np.ndarray] | None = None):
+        self._source = source
+        self._tokenizer = tokenizer
+        self._config = config
+        self._length_sync = length_sync
+        self._chars_per_token = DEFAULT_CHARS_PER_TOKEN
 
-        context = multiprocessing.get_context("spawn")  # fork is unsafe once JAX threads exist
-        self._pool = context.Pool(workers, initializer=_worker_init, initargs=worker_args)
-        self._pending: collections.deque = collections.deque()
-        self._next = start
-        self._following = following
-        self._depth = depth
+    def _read(self, indices: list[int]) -> list:
+        if not indices:
+            return []
+        getitems = getattr(self._source, "__getitems__", None)
+        if getitems is not None:
+            return list(getitems(indices))
+        return [self._source[i] for i in indices]
 
-    def _fill(self) -> None:
-        while len(self._pending) < self._depth and self._next is not None:
-            self._pending.append(self._pool.apply_async(_worker_produce, (self._next,)))
-            self._next = self._following(self._next)
+    def __call__(self, local: np.ndarray) -> dict[str, np.ndarray]:
+        c = self._config
+        b = len(local)
+        local_indices = local[local >= 0]  # padding slots only at the end (an eval epoch's last batch)
+        n = len(local_indices)
+        token_rows = getattr(self._source, "token_rows", None)
+        if token_rows is not None:  # a token cache: rows are ready (framed), no tokenizing
+            ctx_parts, lab_parts, feedback_values = token_rows(local_indices)
+            ctx, lab = TokenRows(*ctx_parts), TokenRows(*lab_parts)
+        else:
+            examples = self._read([int(i) for i in local_indices])
+            labels = [as_text(ex["label"]) for ex in examples]
+            ctx = frame_context_rows([ex["context"] for ex in examples], self._tokenizer, c.framing,
+                                     self._chars_per_token)
+            lab = frame_label_rows(labels, self._tokenizer, c.framing)
+            self._update_chars_per_token(labels, lab.lengths)
+            feedback_values = [int(ex["feedback"]) for ex in examples]
 
-    def get(self):
-        self._fill()
-        if not self._pending:
-            return None
-        item = self._pending.popleft().get()
-        self._fill()
-        return item
+        longest = np.array([ctx.longest(), lab.longest()], np.int64)
+        if self._length_sync is not None:
+            longest = np.asarray(self._length_sync(longest)).reshape(2)
+        lc = _pick_bucket(c.context_buckets, int(longest[0]))
+        ll = _pick_bucket(c.label_buckets, int(longest[1]))
 
-    def close(self) -> None:
-        self._pool.terminate()
-        self._pool.join()
+        pad = self._tokenizer.pad_id
+        feedback = np.full((b,), -1, np.int32)
+        feedback[:n] = feedback_values
+        valid = np.zeros((b,), bool)
+        valid[:n] = True
+        index = np.full((b,), -1, np.int64)
+        index[:n] = local_indices
+        return {
+            "context_ids": ctx.padded(b, lc, pad),
+            "label_ids": lab.padded(b, ll, pad),
+            "feedback": feedback,
+            "valid": valid,
+            "index": index,
+        }
+
+    def _update_chars_per_token(self, labels: list[str], label_lengths: np.ndarray) -> None:
+        """Tracks the text's chars/token, measured on untruncated labels; it only
+        sets how many turns the context encoder takes in its first try (speed,
+        never results)."""
+        untruncated = label_lengths < self._config.label_truncate
+        toks = int(label_lengths[untruncated].sum())  # the end token stands in for a turn's delimiter
+        if toks >= 64:
+            chars = sum(len(t) for t, u in zip(labels, untruncated) if u)
+            # Slightly generous (x1.1) so that few examples need a second try.
+            self._chars_per_token = 0.7 * self._chars_per_token + 0.3 * 1.1 * chars / toks
 
 
 class BatchIterator:
@@ -252,14 +303,13 @@ class BatchIterator:
     context, right-padded), ``label_ids`` int32 [b, Ll] (label tokens, end
     token, pad), ``feedback`` int32 [b], ``valid`` bool [b], ``index`` int64 [b]
     (source index, -1 on padding rows), with ``b = global_batch_size /
-    process_count``. ``Lc``/``Ll`` are buckets of the config.
+    process_count``. ``Lc``/``Ll`` are buckets of the config. Given ``mesh`` (a
+    ``jax.sharding.Mesh``), it yields the global batch as ``jax.Array``s placed
+    on it instead (``sharding.put_batch``).
 
-    ``source``: ``len()`` and ``source[i]`` -> dict with ``context``, ``label``
-    (str or UTF-8 bytes) and ``feedback`` (int); ``source.__getitems__`` is
-    used for batched reads when present (tfds data sources).
-    ``length_sync`` maps this process's ``[max context len, max label len]`` to
-    the global maxima; needed only with several processes and several buckets
-    (see ``jax_length_sync``).
+    ``source``: see ``BatchBuilder``. ``length_sync`` maps this process's
+    ``[max context len, max label len]`` to the global maxima; needed only with
+    several processes and several buckets (see ``jax_length_sync``).
     """
 
     def __init__(
@@ -271,12 +321,10 @@ class BatchIterator:
         process_index: int | None = None,
         process_count: int | None = None,
         length_sync: Callable[[np.ndarray], np.ndarray] | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ):
-        if process_index is None or process_count is None:
-            import jax
-
-            process_index = jax.process_index() if process_index is None else process_index
-            process_count = jax.process_count() if process_count is None else process_count
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         if config.global_batch_size % process_count:
@@ -292,31 +340,23 @@ class BatchIterator:
             # order relative to the train step's collectives, which a background
             # thread does not guarantee.
             raise ValueError("length_sync needs prefetch=0 and workers=0 (it must run in the calling thread)")
-        self._source = source
-        self._getitems = getattr(source, "__getitems__", None)
-        # A token cache (token_cache.TokenizedSource) hands out ready token rows.
-        self._token_rows = getattr(source, "token_rows", None)
-        if self._token_rows is not None and source.framing != config.framing:
+        if getattr(source, "token_rows", None) is not None and source.framing != config.framing:
             raise ValueError(f"token cache was framed as {source.framing}, the config asks {config.framing}")
-        self._tokenizer = tokenizer
         self._config = config
-        self._process_index = int(process_index)
-        self._process_count = int(process_count)
-        self._length_sync = length_sync
+        self._mesh = mesh
         self._num_examples = len(source)
         self._local_batch = config.global_batch_size // process_count
-        B = config.global_batch_size
-        if config.drop_remainder:
-            self._steps_per_epoch = self._num_examples // B
-        else:
-            self._steps_per_epoch = math.ceil(self._num_examples / B)
-        if self._steps_per_epoch == 0 and config.num_epochs != 0:
-            raise ValueError(f"no batch in an epoch: {self._num_examples} examples, global batch {B}, "
-                             f"drop_remainder={config.drop_remainder}")
-        self._pos = (0, 0)  # (epoch, step in epoch) of the next batch handed out
-        self._perm_cache: tuple[int, np.ndarray] | None = None
-        self._chars_per_token = DEFAULT_CHARS_PER_TOKEN
-        self._prefetcher: _Prefetcher | None = None
+        self._order = BatchOrder(self._num_examples, config)
+        if self._order.steps_per_epoch == 0 and config.num_epochs != 0:
+            raise ValueError(f"no batch in an epoch: {self._num_examples} examples, global batch "
+                             f"{config.global_batch_size}, drop_remainder={config.drop_remainder}")
+        self._dataset = (
+            grain.MapDataset.source(self._order)
+            .map(ProcessRows(process_index * self._local_batch, self._local_batch))
+            .map(BatchBuilder(source, tokenizer, config, length_sync))
+        )
+        self._next = 0  # position of the next batch handed out
+        self._grain_iter: grain.DatasetIterator | None = None
 
     # --- properties ---------------------------------------------------------------
     @property
@@ -325,7 +365,7 @@ class BatchIterator:
 
     @property
     def steps_per_epoch(self) -> int:
-        return self._steps_per_epoch
+        return self._order.steps_per_epoch
 
     @property
     def local_batch_size(self) -> int:
@@ -344,7 +384,15 @@ class BatchIterator:
 
     def get_state(self) -> dict:
         """Position of the next batch to hand out (prefetched batches excluded)."""
-        return {"format": STATE_FORMAT, "epoch": self._pos[0], "step_in_epoch": self._pos[1], **self._fingerprint()}
+        if self._grain_iter is not None and not self._config.workers:
+            grain_state = self._grain_iter.get_state()
+        else:
+            grain_state = {"next_index": self._next}
+        k, steps = grain_state["next_index"], self.steps_per_epoch
+        # A finished epoch reads (e, steps), not (e + 1, 0): the position after its last batch.
+        epoch, step = (0, 0) if k == 0 else ((k - 1) // steps, (k - 1) % steps + 1)
+        return {"format": STATE_FORMAT, "epoch": epoch, "step_in_epoch": step, **self._fingerprint(),
+                "grain": grain_state}
 
     def set_state(self, state: dict) -> None:
         if state.get("format") != STATE_FORMAT:
@@ -353,35 +401,60 @@ class BatchIterator:
         if mismatched:
             raise ValueError(f"pipeline state does not match this config/source (saved, now): {mismatched}")
         epoch, step = int(state["epoch"]), int(state["step_in_epoch"])
-        if epoch < 0 or not 0 <= step <= self._steps_per_epoch:
+        if epoch < 0 or not 0 <= step <= self.steps_per_epoch:
             raise ValueError(f"invalid position epoch={epoch} step_in_epoch={step}")
-        self._stop_prefetch()
-        self._pos = (epoch, step)
+        k = epoch * self.steps_per_epoch + step
+        if "grain" in state and int(state["grain"]["next_index"]) != k:  # states without it: epoch and step
+            raise ValueError(f"pipeline state is inconsistent: grain {state['grain']} vs epoch={epoch} step={step}")
+        self._stop()
+        self._next = k
 
     # --- iteration -----------------------------------------------------------------
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self._config.workers > 0 or self._config.prefetch > 0:
-            if self._prefetcher is None:
-                self._prefetcher = self._start_prefetch()
-            try:
-                item = self._prefetcher.get()
-            except BaseException:
-                self._stop_prefetch()  # a later next() retries from the same position
-                raise
-        else:
-            item = self._produce(self._pos)
-        if item is None:
-            self._stop_prefetch()
+    def __next__(self):
+        if self._next >= len(self._order):
+            self._stop()
             raise StopIteration
-        batch, self._pos = item
-        return batch
+        if self._grain_iter is None:
+            self._grain_iter = self._start()
+        try:
+            batch = next(self._grain_iter)
+        except BaseException:
+            self._stop()  # a later next() retries from the same position
+            raise
+        self._next += 1
+        return batch if self._mesh is None else sharding.put_batch(batch, self._mesh)
+
+    def _start(self) -> grain.DatasetIterator:
+        """A grain iterator yielding from position ``self._next``."""
+        c = self._config
+        if c.workers:
+            if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags; outside an absl app, the defaults
+                flags.FLAGS.mark_as_parsed()
+            # grain's worker state is per worker (test_grain_worker_state_depends_on_worker_count):
+            # start the workers' dataset at the position instead of restoring a state.
+            per_worker = max(1, math.ceil(max(c.prefetch, 2 * c.workers) / c.workers))
+            return iter(
+                self._dataset[self._next :]
+                .to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+                .mp_prefetch(grain.MultiprocessingOptions(num_workers=c.workers, per_worker_buffer_size=per_worker))
+            )
+        read = grain.ReadOptions(num_threads=1 if c.prefetch else 0, prefetch_buffer_size=c.prefetch)
+        it = iter(self._dataset.to_iter_dataset(read))
+        if self._next:
+            it.set_state({"next_index": self._next})
+        return it
+
+    def _stop(self) -> None:
+        if self._grain_iter is not None:
+            self._grain_iter.close()
+            self._grain_iter = None
 
     def close(self) -> None:
-        """Stops the prefetch thread (iteration may continue afterwards)."""
-        self._stop_prefetch()
+        """Stops grain's prefetch thread or workers (iteration may continue afterwards)."""
+        self._stop()
 
     def __enter__(self):
         return self
@@ -391,163 +464,6 @@ class BatchIterator:
 
     def __del__(self):
         try:
-            self._stop_prefetch()
+            self._stop()
         except Exception:
             pass
-
-    def _start_prefetch(self):
-        c = self._config
-        if c.workers == 0:
-            return _Prefetcher(self._produce, self._pos, c.prefetch)
-        steps, epochs = self._steps_per_epoch, c.num_epochs
-
-        def following(pos):  # the position after pos's batch, None past the last epoch
-            epoch, step = pos
-            if step >= steps:
-                epoch, step = epoch + 1, 0
-            return None if epochs is not None and epoch >= epochs else (epoch, step + 1)
-
-        worker_args = (self._source, self._tokenizer, c, self._process_index, self._process_count)
-        return _ProcessPrefetcher(worker_args, self._pos, following, max(c.prefetch, 2 * c.workers), c.workers)
-
-    def _stop_prefetch(self):
-        if self._prefetcher is not None:
-            self._prefetcher.close()
-            self._prefetcher = None
-
-    # --- batch construction (pure function of the position) -----------------------------
-    def _normalise(self, pos: tuple[int, int]) -> tuple[int, int] | None:
-        epoch, step = pos
-        if step >= self._steps_per_epoch:
-            epoch, step = epoch + 1, 0
-        if self._config.num_epochs is not None and epoch >= self._config.num_epochs:
-            return None
-        return epoch, step
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if self._perm_cache is None or self._perm_cache[0] != epoch:
-            c = self._config
-            self._perm_cache = (epoch, epoch_permutation(self._num_examples, c.seed, epoch, c.shuffle))
-        return self._perm_cache[1]
-
-    def _read(self, indices: list[int]) -> list:
-        if not indices:
-            return []
-        if self._getitems is not None:
-            return list(self._getitems(indices))
-        return [self._source[i] for i in indices]
-
-    def _produce(self, pos: tuple[int, int]):
-        """Returns (local batch, position after it), or None past the last epoch."""
-        norm = self._normalise(pos)
-        if norm is None:
-            return None
-        epoch, step = norm
-        c = self._config
-        B, b = c.global_batch_size, self._local_batch
-        global_indices = self._permutation(epoch)[step * B : (step + 1) * B]
-        lo = self._process_index * b
-        local_indices = global_indices[lo : lo + b]  # shorter than b only on a padded eval batch
-        n = len(local_indices)
-        if self._token_rows is not None:  # a token cache: rows are ready (framed), no tokenizing
-            ctx_parts, lab_parts, cached_feedback = self._token_rows(local_indices)
-            ctx, lab = TokenRows(*ctx_parts), TokenRows(*lab_parts)
-            feedback_values = cached_feedback
-        else:
-            examples = self._read([int(i) for i in local_indices])
-            contexts = [_as_text(ex["context"]) for ex in examples]
-            labels = [_as_text(ex["label"]) for ex in examples]
-            ctx = frame_context_rows(contexts, self._tokenizer, c.framing, self._chars_per_token)
-            lab = frame_label_rows(labels, self._tokenizer, c.framing)
-            self._update_chars_per_token(labels, lab.lengths)
-            feedback_values = [int(ex["feedback"]) for ex in examples]
-
-        longest = np.array([ctx.longest(), lab.longest()], np.int64)
-        if self._length_sync is not None:
-            longest = np.asarray(self._length_sync(longest)).reshape(2)
-        lc = _pick_bucket(c.context_buckets, int(longest[0]))
-        ll = _pick_bucket(c.label_buckets, int(longest[1]))
-
-        pad = self._tokenizer.pad_id
-        feedback = np.full((b,), -1, np.int32)
-        feedback[:n] = feedback_values
-        valid = np.zeros((b,), bool)
-        valid[:n] = True
-        index = np.full((b,), -1, np.int64)
-        index[:n] = local_indices
-        batch = {
-            "context_ids": ctx.padded(b, lc, pad),
-            "label_ids": lab.padded(b, ll, pad),
-            "feedback": feedback,
-            "valid": valid,
-            "index": index,
-        }
-        return batch, (epoch, step + 1)
-
-    def _update_chars_per_token(self, labels: list[str], label_lengths: np.ndarray) -> None:
-        """Tracks the text's chars/token, measured on untruncated labels; it only
-        sets how many turns the context encoder takes in its first try (speed,
-        never results)."""
-        untruncated = label_lengths < self._config.label_truncate
-        toks = int(label_lengths[untruncated].sum())  # the end token stands in for a turn's delimiter
-        if toks >= 64:
-            chars = sum(len(t) for t, u in zip(labels, untruncated) if u)
-            # Slightly generous (x1.1) so that few examples need a second try.
-            self._chars_per_token = 0.7 * self._chars_per_token + 0.3 * 1.1 * chars / toks
-
-
-def measure_throughput(source, tokenizer: Tokenizer, config: PipelineConfig, num_batches: int, *,
-                       warmup_batches: int = 1, **iterator_kwargs) -> dict:
-    """Examples/s of the pipeline alone (read + tokenize + pad) over ``num_batches``
-    (after ``warmup_batches``), single process."""
-    kwargs = {"process_index": 0, "process_count": 1, **iterator_kwargs}
-    it = BatchIterator(source, tokenizer, config, **kwargs)
-    try:
-        for _ in range(warmup_batches):
-            next(it)
-        examples = tokens = batches = 0
-        t0, c0 = time.perf_counter(), time.process_time()
-        for batch in it:
-            examples += int(batch["valid"].sum())
-            tokens += int((batch["context_ids"] != 0).sum() + (batch["label_ids"] != 0).sum())
-            batches += 1
-            if batches >= num_batches:
-                break
-        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-    finally:
-        it.close()
-    return {
-        "examples_per_s": examples / seconds if seconds > 0 else float("inf"),
-        "tokens_per_s": tokens / seconds if seconds > 0 else float("inf"),
-        "batches_per_s": batches / seconds if seconds > 0 else float("inf"),
-        "examples": examples,
-        "batches": batches,
-        "seconds": seconds,
-        # CPU time of the whole process (all threads): on a shared, busy host
-        # examples per CPU-second is the stabler number.
-        "cpu_seconds": cpu_seconds,
-        "examples_per_cpu_s": examples / cpu_seconds if cpu_seconds > 0 else float("inf"),
-    }
-
-
-def global_batch_to_device(batch: dict[str, np.ndarray], mesh) -> dict:
-    """Turns this process's rows into global ``jax.Array``s on ``mesh``.
-
-    The batch dimension is sharded as the logical axis ``batch`` of the rules
-    table (``bb3x_jax.sharding.LOGICAL_RULES``: the data-parallel mesh axes);
-    the other dimensions are replicated. Works unchanged from 1 device to
-    multi-host meshes.
-    """
-    import jax
-    from jax.sharding import NamedSharding
-
-    from bb3x_jax import sharding as sharding_lib
-
-    sharding = NamedSharding(mesh, sharding_lib.logical_to_spec(("batch",), mesh))
-    out = {}
-    for key, value in batch.items():
-        value = np.asarray(value)
-        if value.dtype == np.int64 and not jax.config.jax_enable_x64:
-            value = value.astype(np.int32)  # avoid jax's silent-truncation warning; indices fit in int32
-        out[key] = jax.make_array_from_process_local_data(sharding, value)
-    return out

@@ -86,3 +86,18 @@ class TrainingRecords:
                 }
             )
         return out
+
+
+def tokenizer_texts(source, limit: int, block: int = 1024):
+    """Training text for the tokenizer: each example's label and its context's last turn.
+
+    Labels cover the label sender's messages and last turns the partner's, so
+    both sides' vocabulary is seen without re-reading whole histories. The
+    first ``limit`` examples in stored (release) order: deterministic.
+    """
+    total = min(len(source), limit)
+    for start in range(0, total, block):
+        for record in source.__getitems__(range(start, min(start + block, total))):
+            yield record["label"]
+            context = record["context"]
+            yield context[context.rfind(b"\n") + 1 :] if isinstance(context, bytes) else context.rsplit("\n", 1)[-1]

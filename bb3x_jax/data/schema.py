@@ -4,7 +4,7 @@ Why a module of its own: the reader, the stream semantics, the feedback policy,
 the synthetic release and the TFDS features must all agree on the same field
 names and value spellings; a typo in one of them would silently turn every
 example "unlabeled". Sources: the release's data card and ParlAI's
-``projects/bb3x/tasks`` loader (see ``../shared/REFERENCE.md`` sections 1-3).
+``projects/bb3x/tasks`` loader.
 """
 
 from __future__ import annotations

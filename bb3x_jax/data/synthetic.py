@@ -145,6 +145,11 @@ GOOD, OFF_TOPIC, NONSENSICAL, REPEATING, IGNORING, INAPPROPRIATE = (
 SAFETY_NOT_OK = "__notok__"  # the classifiers' "unsafe" spelling (anything but __ok__ is unsafe)
 GROUND_TRUTH_FILE = "ground_truth.jsonl"
 
+
+def is_release(manual_dir: str) -> bool:
+    """The synthetic world's release: none configured (it is synthesized), or a folder this module wrote."""
+    return not manual_dir or os.path.isfile(os.path.join(os.path.expanduser(manual_dir), GROUND_TRUTH_FILE))
+
 # ----------------------------------------------------------------------------
 # Vocabulary. Every word belongs to exactly one class (checked at import), so
 # the judge can map words to classes unambiguously.

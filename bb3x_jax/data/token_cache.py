@@ -29,7 +29,7 @@ import numpy as np
 from bb3x_jax.data import framing as framing_lib
 from bb3x_jax.data import parallel
 from bb3x_jax.data.framing import Framing
-from bb3x_jax.data.tokenizers.base import DEFAULT_CHARS_PER_TOKEN, Tokenizer, _as_text
+from bb3x_jax.data.tokenizers.base import DEFAULT_CHARS_PER_TOKEN, Tokenizer
 
 FORMAT = "bb3x_jax.token_cache/1"
 _BLOCK = 2048
@@ -68,8 +68,9 @@ def _encode_block(bounds: tuple[int, int]):
     source = _W["source"]
     getitems = getattr(source, "__getitems__", None)
     records = getitems(range(start, stop)) if getitems else [source[i] for i in range(start, stop)]
-    contexts = [_as_text(r["context"]) for r in records]
-    labels = [_as_text(r["label"]) for r in records]
+    # The framing's encoders take the stored UTF-8 bytes as they are.
+    contexts = [r["context"] for r in records]
+    labels = [r["label"] for r in records]
     ctx = framing_lib.frame_context_rows(contexts, _W["tokenizer"], _W["framing"], DEFAULT_CHARS_PER_TOKEN)
     lab = framing_lib.frame_label_rows(labels, _W["tokenizer"], _W["framing"])
     feedback = np.fromiter((int(r["feedback"]) for r in records), np.int8, count=len(records))

@@ -25,11 +25,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
 from bb3x_jax import decoding
 from bb3x_jax.data import framing as framing_lib
 from bb3x_jax.data.framing import Framing
-from bb3x_jax.data.tokenizers.base import _as_text
+from bb3x_jax.data.tokenizers.base import as_text
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -64,8 +65,6 @@ def generate_texts(network, tokenizer, contexts: Sequence[str], settings: decodi
                    framing: Framing, batch_size: int, seed: int = 0) -> list[str]:
     """Responses to ``contexts`` (texts in the release's format), framed as training framed
     them, in batches of a fixed shape so that the search compiles once."""
-    from flax import nnx
-
     graphdef, state = nnx.split(network)
     search = decoding.compiled_search(graphdef, settings)
     width = framing.text_truncate  # every framing fits its contexts in text_truncate tokens
@@ -73,9 +72,8 @@ def generate_texts(network, tokenizer, contexts: Sequence[str], settings: decodi
     for start in range(0, len(contexts), batch_size):
         chunk = list(contexts[start : start + batch_size])
         ids = framing_lib.context_ids(chunk, tokenizer, framing)
-        rows = np.full((batch_size, width), tokenizer.pad_id, np.int32)
-        rows[: len(chunk), : ids.shape[1]] = ids
-        rows[len(chunk) :, 0] = tokenizer.end_id  # filler rows: never empty
+        rows = decoding.pad_batch(ids, rows=batch_size, width=width, pad_id=tokenizer.pad_id,
+                                  filler_id=tokenizer.end_id)
         key = jax.random.fold_in(jax.random.key(seed), start)
         tokens, _ = search(state, rows, key)
         out.extend(response_text(tokenizer, row) for row in np.asarray(tokens)[: len(chunk)])
@@ -97,8 +95,8 @@ def evaluate_generations(network, tokenizer, examples: Sequence[dict], settings:
                          seed: int = 0, samples: int = 5) -> dict[str, Any]:
     """F1 and (with a judge) the judge's summary of generations for ``examples``
     (dicts with ``context`` and ``label`` texts); a few samples to read."""
-    contexts = [_as_text(e["context"]) for e in examples]
-    labels = [_as_text(e["label"]) for e in examples]
+    contexts = [as_text(e["context"]) for e in examples]
+    labels = [as_text(e["label"]) for e in examples]
     responses = generate_texts(network, tokenizer, contexts, settings, framing=framing, batch_size=batch_size,
                                seed=seed)
     result: dict[str, Any] = {

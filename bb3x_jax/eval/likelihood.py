@@ -16,16 +16,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from bb3x_jax.data import pipeline, schema
+from bb3x_jax.data import schema
 
 
 def make_eval_step(graphdef, pad_id: int, mesh):
     """Jitted ``(params, rest, batch) -> per-example (summed NLL, label tokens, correct tokens,
     feedback, valid)`` over the global batch, replicated so every process can read all rows."""
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
-
     @functools.partial(jax.jit, out_shardings=NamedSharding(mesh, PartitionSpec()))
     def eval_step(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
@@ -41,15 +40,16 @@ def make_eval_step(graphdef, pad_id: int, mesh):
     return eval_step
 
 
-def evaluate(eval_step, params, rest, iterator, mesh, max_batches: int = 0) -> dict[str, Any]:
-    """Metrics per feedback class over ``max_batches`` global batches (0: the whole split)."""
+def evaluate(eval_step, params, rest, iterator, max_batches: int = 0) -> dict[str, Any]:
+    """Metrics per feedback class over ``max_batches`` global batches (0: the whole split) of an
+    iterator that yields batches placed on the mesh."""
     names = list(schema.FEEDBACK_NAMES.items())
     sums = {name: np.zeros(3) for _, name in names}  # nll, tokens, correct
     examples = {name: 0 for _, name in names}
-    for i, local in enumerate(iterator):
+    for i, batch in enumerate(iterator):
         if max_batches and i >= max_batches:
             break
-        out = jax.device_get(eval_step(params, rest, pipeline.global_batch_to_device(local, mesh)))
+        out = jax.device_get(eval_step(params, rest, batch))
         for cls, name in names:
             rows = (out["feedback"] == cls) & out["valid"]
             sums[name] += [float(out["nll"][rows].sum()), float(out["tokens"][rows].sum()),

@@ -1,6 +1,6 @@
 """BB3 -> BB3x on the synthetic world: ``python -m bb3x_jax.experiments.bb3x_table``.
 
-The paper's claim (REFERENCE.md section 3): a model trained by likelihood on
+The paper's claim (BlenderBot 3x, Xu et al. 2023): a model trained by likelihood on
 the deployed bot's messages imitates their mixture of good and bad responses;
 CRINGE driven by the feedback, iterated on the model's own judged generations,
 raises the share of good responses at every iteration (85.3% -> 88.7% ->
@@ -34,6 +34,8 @@ import textwrap
 import time
 from typing import Any
 
+import numpy as np
+import tensorflow_datasets as tfds
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
@@ -141,7 +143,7 @@ def add_sampled_evaluations(config: config_dict.ConfigDict, workdir: str, rows: 
 
 
 def check_goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's goals: good rate up at every iteration, the last >= baseline + 5 points."""
+    """The experiment's goals: good rate up at every iteration, the last >= baseline + 5 points."""
     good = [100 * r["good_rate"] for r in rows]
     every = all(b > a for a, b in zip(good, good[1:]))
     gain = good[-1] - good[0]
@@ -179,14 +181,13 @@ def plot(rows: list[dict[str, Any]], path: str) -> str | None:
     """Bars: good % per model, beam search and sampled (left); each bad reason's % per model under
     beam search (right)."""
     try:
-        import matplotlib
+        import matplotlib  # deferred: slow to import, only the plot needs it
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # deferred: slow to import, only the plot needs it
     except ImportError:
         logging.warning("matplotlib is not installed: no chart")
         return None
-    import numpy as np
 
     names = [textwrap.fill(r["name"].replace("BB3x CRINGE ", "CRINGE "), 16) for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 3]})
@@ -230,7 +231,6 @@ def main(argv):
     for section in ("baseline", "control", "sampled"):
         if section not in config:
             raise config_lib.ConfigError(section, "missing: use configs/bb3x_table.py or a config built on it")
-    import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()
     result = run_experiment(config, _WORKDIR.value)

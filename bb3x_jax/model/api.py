@@ -17,12 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from flax import nnx
 
+from bb3x_jax import decoding
 from bb3x_jax.data import framing as framing_lib
 from bb3x_jax.data.framing import Framing
 from bb3x_jax.data.tokenizers import files as tokenizer_files
 from bb3x_jax.model.config import ModelConfig
-from bb3x_jax.model.formats import pickles
+from bb3x_jax.model.formats import hf, metaseq, parlai, pickles
+from bb3x_jax.model.formats import orbax as orbax_io
 from bb3x_jax.model.transformer import Transformer
 
 
@@ -70,8 +73,6 @@ class BB3Model:
         """Generated token ids [batch, <= max_len]: no context, no start token, padded
         with the pad id after the end token. ``context_ids`` [batch, S] are right-padded.
         See ``bb3x_jax.decoding`` for the methods (``decoding.BB3_BEAM`` holds BB3's)."""
-        from bb3x_jax import decoding
-
         settings = decoding.Settings(method=method, max_len=max_len, min_len=min_len, beam_size=beam_size,
                                      block_ngram=block_ngram, context_block_ngram=context_block_ngram,
                                      top_k=top_k, top_p=top_p, temperature=temperature,
@@ -81,8 +82,6 @@ class BB3Model:
     def save_orbax(self, path: str, *, step: int = 0) -> str:
         """This project's checkpoint layout (parameters + config), e.g. for ``train.init_from``;
         the tokenizer's files go to ``path/tokenizer``."""
-        from bb3x_jax.model.formats import orbax as orbax_io
-
         folder = orbax_io.save_orbax(self.network, self.config, path, step=step)
         if self.tokenizer_spec is not None:
             tokenizer_files.save_bundle(self.tokenizer_spec, os.path.join(path, tokenizer_files.BUNDLE_DIR),
@@ -94,8 +93,6 @@ class BB3Model:
         ParlAI checkpoint (``"parlai"``: ``path``, ``path.opt``, ``path.dict``; needs the ParlAI
         dictionary the model came with). Returns the paths written."""
         if format == "hf":
-            from bb3x_jax.model.formats import hf
-
             hf.save_hf(self.network, self.config, path)
             spec = self.tokenizer_spec
             if spec is not None and spec.kind in ("hf", "metaseq") and self.config.arch == "decoder_only":
@@ -105,8 +102,6 @@ class BB3Model:
                                 spec.kind, path)
             return [path]
         if format == "parlai":
-            from bb3x_jax.model.formats import parlai
-
             spec = self.tokenizer_spec
             if spec is None or spec.kind != "parlai":
                 kind = "no tokenizer" if spec is None else f"a {spec.kind} tokenizer"
@@ -157,11 +152,8 @@ def load(path: str, *, bpe_dir: str = "", trust_pickle: bool = False) -> BB3Mode
     path = os.path.expanduser(os.fspath(path))
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "config.json")):
-            from bb3x_jax.model.formats import hf
-
             network, cfg = hf.load_hf(path, trust_pickle=trust_pickle)
             return _with_tokenizer(BB3Model(network, cfg, source=path), "hf", path, bpe_dir)
-        from bb3x_jax.model.formats import orbax as orbax_io
 
         if os.path.isdir(os.path.join(path, "checkpoints")):  # a training run's workdir
             path = os.path.join(path, "checkpoints")
@@ -175,14 +167,12 @@ def load(path: str, *, bpe_dir: str = "", trust_pickle: bool = False) -> BB3Mode
                 return model
             model.tokenizer_spec = tokenizer_files.read_bundle(bundle)
             return model
-        from bb3x_jax.model.formats import metaseq
 
         if metaseq.is_metaseq_dir(path, trust_pickle=trust_pickle):
             return _load_metaseq(path, bpe_dir, trust_pickle)
         raise FileNotFoundError(f"{path}: a folder without config.json (not a transformers directory)")
     if not os.path.isfile(path):
         raise FileNotFoundError(path)
-    from bb3x_jax.model.formats import metaseq
 
     if metaseq.is_metaseq_file(path, trust_pickle=trust_pickle):  # a memory-mapped peek; read layer by layer
         return _load_metaseq(path, bpe_dir, trust_pickle)
@@ -192,7 +182,6 @@ def load(path: str, *, bpe_dir: str = "", trust_pickle: bool = False) -> BB3Mode
         return _load_metaseq(path, bpe_dir, trust_pickle)
     if isinstance(checkpoint, dict) and "model" in checkpoint:  # ParlAI's weights file
         del checkpoint  # the loader maps the file again; never hold two copies
-        from bb3x_jax.model.formats import parlai
 
         network, cfg, report = parlai.load_parlai(path, trust_pickle=trust_pickle)
         if report.ignored_keys:
@@ -220,8 +209,6 @@ def _with_tokenizer(model: BB3Model, kind: str, path: str, bpe_dir: str) -> BB3M
 
 
 def _load_metaseq(path: str, bpe_dir: str = "", trust_pickle: bool = False) -> BB3Model:
-    from bb3x_jax.model.formats import metaseq
-
     network, cfg, report = metaseq.load_metaseq(path, trust_pickle=trust_pickle)
     logging.info("bb3x_jax.load: %s", metaseq.summary(report))
     for warning in report.warnings:
@@ -231,8 +218,6 @@ def _load_metaseq(path: str, bpe_dir: str = "", trust_pickle: bool = False) -> B
 
 def count_mismatch(a: BB3Model, b: BB3Model) -> int:
     """Number of parameters that differ between two models (0 = bit-exact)."""
-    from flax import nnx
-
     differ = 0
     for (_, x), (_, y) in zip(nnx.iter_graph(a.network), nnx.iter_graph(b.network)):
         if isinstance(x, nnx.Param) and not np.array_equal(np.asarray(x[...]), np.asarray(y[...])):

@@ -17,7 +17,8 @@ from bb3x_jax.model.config import ModelConfig
 from bb3x_jax.model.transformer import Transformer
 
 
-def _construct(cfg: ModelConfig, seed: int) -> Transformer:
+def construct(cfg: ModelConfig, seed: int) -> Transformer:
+    """The network with its own (unsharded) initial weights; callers trace it abstractly or place it."""
     with nnx.use_eager_sharding(False):  # placement is decided by the rules table below
         return Transformer(cfg, rngs=nnx.Rngs(seed))
 
@@ -38,12 +39,12 @@ def build(cfg: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None) -> Trans
     Initialisation always runs jitted, so the values do not depend on the mesh
     (random bits are sharding-invariant with threefry partitionable keys).
     """
-    abstract = nnx.eval_shape(lambda: _construct(cfg, seed))
+    abstract = nnx.eval_shape(lambda: construct(cfg, seed))
     graphdef, abstract_state = nnx.split(abstract)
     out_shardings = None if mesh is None else parameter_shardings(abstract_state, mesh)
 
     def init():
-        return nnx.state(_construct(cfg, seed))
+        return nnx.state(construct(cfg, seed))
 
     state = jax.jit(init, out_shardings=out_shardings)()
     return nnx.merge(graphdef, state)
@@ -58,7 +59,7 @@ def with_params(cfg: ModelConfig, params, *, seed: int = 0, mesh: Mesh | None = 
     ``cfg`` may differ from the weights' own config in what does not change
     shapes (dropout rates, compute dtype).
     """
-    abstract = nnx.eval_shape(lambda: _construct(cfg, seed))
+    abstract = nnx.eval_shape(lambda: construct(cfg, seed))
     graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
     mismatched = [
         f"{jax.tree_util.keystr(path)}: {a.shape} vs {b.shape}"
@@ -74,5 +75,5 @@ def with_params(cfg: ModelConfig, params, *, seed: int = 0, mesh: Mesh | None = 
         rest_shardings = parameter_shardings(abstract_rest, mesh)
     else:
         rest_shardings = None
-    rest = jax.jit(lambda: nnx.split(_construct(cfg, seed), nnx.Param, ...)[2], out_shardings=rest_shardings)()
+    rest = jax.jit(lambda: nnx.split(construct(cfg, seed), nnx.Param, ...)[2], out_shardings=rest_shardings)()
     return nnx.merge(graphdef, params, rest)

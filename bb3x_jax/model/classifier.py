@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bb3x_jax.data.tokenizers import base as tokenizer_lib
+from bb3x_jax.data.tokenizers import bpe
 from bb3x_jax.model import transformer
 from bb3x_jax.model.config import ModelConfig
 
@@ -140,16 +142,13 @@ class FeedbackClassifier(nnx.Module):
 def encode_pairs(contexts: Sequence[str | bytes], responses: Sequence[str | bytes], tokenizer,
                  max_len: int) -> np.ndarray:
     """Left-padded int32 rows [n, max_len]: context tail, separator (end id), whole response."""
-    from bb3x_jax.data.tokenizers import base as tokenizer_lib
-    from bb3x_jax.data.tokenizers import bpe
-
     if len(contexts) != len(responses):
         raise ValueError(f"{len(contexts)} contexts but {len(responses)} responses")
     n = len(contexts)
     out = np.full((n, max_len), tokenizer.pad_id, np.int32)
     if n == 0:
         return out
-    responses = [tokenizer_lib._as_text(r) for r in responses]
+    responses = [tokenizer_lib.as_text(r) for r in responses]
     encoded = tokenizer.encode_batch(responses)
     responses_ids = [ids[: max_len - 1] for ids in encoded]
     room = [max_len - 1 - len(r) for r in responses_ids]
@@ -201,20 +200,21 @@ def predict(graphdef, params, rest, ids: jax.Array) -> tuple[jax.Array, jax.Arra
     return jax.nn.sigmoid(logits), logits > 0
 
 
-def _construct(cfg: ClassifierConfig, seed: int) -> FeedbackClassifier:
+def construct(cfg: ClassifierConfig, seed: int) -> FeedbackClassifier:
+    """The classifier with its initial weights (traced abstractly by callers that only need shapes)."""
     with nnx.use_eager_sharding(False):  # one device; the layers' axis names are only metadata here
         return FeedbackClassifier(cfg, rngs=nnx.Rngs(params=seed))
 
 
 def abstract_params(cfg: ClassifierConfig):
     """The parameters' shapes and dtypes (nothing allocated): what a saved judge must match."""
-    return nnx.state(nnx.eval_shape(lambda: _construct(cfg, 0)), nnx.Param)
+    return nnx.state(nnx.eval_shape(lambda: construct(cfg, 0)), nnx.Param)
 
 
 def build(cfg: ClassifierConfig, seed: int) -> FeedbackClassifier:
     """A randomly initialised classifier (initialisation jitted: one compiled program, not op by op)."""
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: _construct(cfg, seed)))
-    state = jax.jit(lambda: nnx.state(_construct(cfg, seed)))()
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: construct(cfg, seed)))
+    state = jax.jit(lambda: nnx.state(construct(cfg, seed)))()
     return nnx.merge(graphdef, state)
 
 

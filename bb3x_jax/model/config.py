@@ -121,7 +121,7 @@ PRESETS: dict[str, ModelConfig] = {
     "bb1_3b": BB1_3B,
     "bb3_30b": BB3_30B,
     "bb3_175b": BB3_175B,
-    # The CPU benchmark models of the training issue (encoder-decoder, and a
+    # The CPU benchmark models (encoder-decoder, and a
     # decoder-only OPT of similar size: context + label = 160 positions).
     "bench_small": ModelConfig(vocab_size=8008, d_model=512, n_heads=8, ffn_dim=2048,
                                n_encoder_layers=2, n_decoder_layers=6, n_positions=512),

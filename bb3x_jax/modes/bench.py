@@ -30,9 +30,10 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from ml_collections import config_dict
 
-from bb3x_jax.data import pipeline
+from bb3x_jax import decoding, sharding
 from bb3x_jax.model.config import ModelConfig
 from bb3x_jax.train import runtime as setup_lib
 
@@ -90,10 +91,6 @@ def _peak_memory() -> int | None:
 
 def decode_speed(network, context_ids: np.ndarray, decode_len: int, beams: int, runs: int) -> dict[str, Any]:
     """Median wall time of generating ``decode_len`` tokens per row (all rows run to the end)."""
-    from flax import nnx
-
-    from bb3x_jax import decoding
-
     settings = decoding.Settings(method="beam" if beams > 1 else "greedy", beam_size=beams, max_len=decode_len,
                                  min_len=decode_len)
     graphdef, state = nnx.split(network)
@@ -117,7 +114,7 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
     setup = setup_lib.Setup(config, workdir, with_data=False)
     cfg = setup.model_cfg
     local = synthetic_batch(cfg, b.batch, b.context, b.label, b.negative_fraction, config.seed)
-    batch = pipeline.global_batch_to_device(local, setup.mesh)
+    batch = sharding.put_batch(local, setup.mesh)
     state = setup.state
     compile_start = time.perf_counter()
     compiled = setup.train_step.lower(state, batch).compile()
@@ -150,8 +147,6 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
         "mesh": dict(setup.mesh.shape), "jax_version": jax.__version__, "steps_timed": b.steps,
     }
     if b.decode_len:
-        from flax import nnx
-
         network = nnx.merge(setup.graphdef, state.params, state.rest)
         result.update(decode_speed(network, jax.numpy.asarray(local["context_ids"]), b.decode_len, b.decode_beam,
                                    b.steps))

@@ -12,10 +12,17 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
+import jax
+import numpy as np
+from flax import nnx
 from ml_collections import config_dict
 
 from bb3x_jax import config as config_lib
+from bb3x_jax import decoding
+from bb3x_jax.data import framing as framing_lib
 from bb3x_jax.data.tokenizers.base import DELIMITER
+from bb3x_jax.eval import generation as generation_eval
+from bb3x_jax.train import runtime
 
 RESET, EXIT = "[reset]", "[exit]"
 
@@ -24,10 +31,6 @@ class Conversation:
     """One conversation's history and the model's replies to it."""
 
     def __init__(self, network, tokenizer, config: config_dict.ConfigDict, framing=None):
-        from flax import nnx
-
-        from bb3x_jax import decoding
-
         self.tokenizer = tokenizer
         self.config = config
         self.framing = framing or config_lib.framing(config)
@@ -42,16 +45,10 @@ class Conversation:
 
     def respond(self, message: str) -> str:
         """Adds the human's message, generates the bot's reply, adds it too, returns it."""
-        import jax
-        import numpy as np
-
-        from bb3x_jax.data import framing as framing_lib
-        from bb3x_jax.eval import generation as generation_eval
-
         self.history.append(" ".join(message.split()))  # one turn per line: no delimiters inside a turn
         ids = framing_lib.context_ids([DELIMITER.join(self.history)], self.tokenizer, self.framing)
-        rows = np.full((1, self.framing.text_truncate), self.tokenizer.pad_id, np.int32)  # one shape: compiled once
-        rows[:, : ids.shape[1]] = ids
+        # one shape: compiled once
+        rows = decoding.pad_batch(ids, rows=1, width=self.framing.text_truncate, pad_id=self.tokenizer.pad_id)
         key = jax.random.fold_in(jax.random.key(self.config.seed), self.turns)
         tokens, _ = self.search(self.state, rows, key)
         self.turns += 1
@@ -62,18 +59,8 @@ class Conversation:
 
 def load_conversation(config: config_dict.ConfigDict, workdir: str) -> Conversation:
     """The workdir's best (or ``eval.checkpoint``) parameters with the run's tokenizer."""
-    from flax import nnx
-
-    from bb3x_jax.modes import eval as eval_run
-    from bb3x_jax.train import checkpoint as checkpoint_lib
-    from bb3x_jax.train import runtime as setup_lib
-
-    setup = setup_lib.Setup(config, workdir, with_optimizer=False)
-    checkpoints = setup_lib.checkpointer(config, workdir)
-    step = eval_run.choose_step(checkpoints, config.eval.checkpoint)
-    checkpoints.close()
-    params, _ = checkpoint_lib.read_params(checkpoints.directory, checkpoint_lib.abstract(setup.params), step)
-    return Conversation(nnx.merge(setup.graphdef, params, setup.rest), setup.tokenizer, config, setup.framing)
+    trained = runtime.trained_network(config, workdir)
+    return Conversation(trained.network, trained.setup.tokenizer, config, trained.setup.framing)
 
 
 def run(config: config_dict.ConfigDict, workdir: str, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:

@@ -1,8 +1,8 @@
 """``--mode=data``: prepare everything and push real batches through a sharded jitted step.
 
-Until the training step lands this is what ``main.py`` does, and it is a real
-end-to-end check of the data path: release -> TFDS -> tokenizer -> batches ->
-global arrays on the mesh -> a jitted reduction, with throughput measured.
+An end-to-end check of the data path without a model: release -> TFDS ->
+tokenizer -> batches -> global arrays on the mesh -> a jitted reduction, with
+throughput measured.
 """
 
 from __future__ import annotations
@@ -53,14 +53,14 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
             f"x {jax.process_count()} processes of mesh {dict(mesh.shape)}"
         )
     train_source = dataset.batch_source(config, built, tok, "train")
-    iterator = pipeline.BatchIterator(train_source, tok, dataset.pipeline_config(config, train=True))
+    iterator = pipeline.BatchIterator(train_source, tok, dataset.pipeline_config(config, train=True), mesh=mesh)
     row = sharding.logical_sharding(mesh, ("batch",))
     matrix = sharding.logical_sharding(mesh, ("batch", "length"))
     shardings = {"context_ids": matrix, "label_ids": matrix, "feedback": row, "valid": row, "index": row}
     step = jax.jit(batch_statistics, static_argnums=1, in_shardings=(shardings,))
 
     try:
-        totals, shapes, elapsed, timed_examples = _drive(iterator, step, mesh, tok.pad_id, config.data_check.batches)
+        totals, shapes, elapsed, timed_examples = _drive(iterator, step, tok.pad_id, config.data_check.batches)
     finally:
         iterator.close()  # stop the prefetch thread before the interpreter tears down
 
@@ -88,7 +88,7 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
     return result
 
 
-def _drive(iterator, step, mesh, pad_id: int, num_batches: int):
+def _drive(iterator, step, pad_id: int, num_batches: int):
     """Runs ``num_batches`` through the step; times all but the first (compilation)."""
     totals: dict[str, int] = {}
     shapes = set()
@@ -96,7 +96,7 @@ def _drive(iterator, step, mesh, pad_id: int, num_batches: int):
     for i in range(num_batches):
         if i == 1:
             timed_from = (time.perf_counter(), totals.get("examples", 0))
-        batch = pipeline.global_batch_to_device(next(iterator), mesh)
+        batch = next(iterator)  # global arrays on the mesh
         shapes.add((batch["context_ids"].shape, batch["label_ids"].shape))
         for key, value in step(batch, pad_id).items():
             totals[key] = totals.get(key, 0) + int(value)

@@ -33,24 +33,24 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
+from flax import nnx
 from ml_collections import config_dict
 
 from bb3x_jax import config as config_lib
 from bb3x_jax.data import generated, schema
-from bb3x_jax.data.tokenizers.base import _as_text
+from bb3x_jax.data.tokenizers.base import as_text
 from bb3x_jax.eval import generation as generation_eval
+from bb3x_jax.eval import judges
 from bb3x_jax.modes import eval as eval_run
 from bb3x_jax.modes import train as loop
 from bb3x_jax.train import inputs as dataset
-from bb3x_jax.train import runtime as setup_lib
-
-Judge = Callable[[list[str], list[str]], list[str]]  # (contexts, responses) -> verdicts
+from bb3x_jax.train import runtime
 
 
 def iteration_dir(workdir: str, iteration: int) -> str:
@@ -67,7 +67,7 @@ def derived_config(config: config_dict.ConfigDict, workdir: str, changes: dict[s
     cfg = copy.deepcopy(config)
     with cfg.unlocked():
         cfg.data.dir = dataset.data_root(config.data, workdir)
-        cfg.judge.path = eval_run.judge_path(config, workdir)
+        cfg.judge.path = judges.judge_path(config, workdir)
         cfg.update_from_flattened_dict(changes)
         cfg.train.warmup_steps = min(cfg.train.warmup_steps, cfg.train.steps)
     return config_lib.validate(cfg)
@@ -89,9 +89,9 @@ def iteration_config(config: config_dict.ConfigDict, workdir: str, iteration: in
 
 def starting_checkpoint(config: config_dict.ConfigDict, workdir: str) -> str:
     """The step folder of iteration 0: the workdir's ``eval.checkpoint`` (best by default)."""
-    checkpoints = setup_lib.checkpointer(config, workdir)
+    checkpoints = runtime.checkpointer(config, workdir)
     try:
-        step = eval_run.choose_step(checkpoints, config.eval.checkpoint)
+        step = runtime.choose_step(checkpoints, config.eval.checkpoint)
     finally:
         checkpoints.close()
     return os.path.join(checkpoints.directory, str(step))
@@ -115,17 +115,16 @@ def draw_contexts(records, count: int, seed: int, iteration: int) -> list[dict]:
     return records.__getitems__([int(i) for i in indices])
 
 
-def generate_split(config: config_dict.ConfigDict, workdir: str, iteration: int, checkpoint: str, judge: Judge,
-                   reasons: Sequence[str], judge_name: str) -> dict[str, Any]:
+def generate_split(config: config_dict.ConfigDict, workdir: str, iteration: int, checkpoint: str,
+                   judge: judges.Judge) -> dict[str, Any]:
     """Stage 1-3: generate with the model at ``checkpoint``, judge, balance, write the split."""
-    from flax import nnx
 
     started = time.perf_counter()
     # The model (architecture and weights) and its tokenizer are those of `checkpoint`.
     cfg = derived_config(config, workdir, {"train.init_from": checkpoint})
-    setup = setup_lib.Setup(cfg, workdir, with_optimizer=False)
+    setup = runtime.Setup(cfg, workdir, with_optimizer=False)
     records = draw_contexts(dataset.source(setup.built, "train"), config.iterate.contexts, config.seed, iteration)
-    contexts = [_as_text(r["context"]) for r in records]
+    contexts = [as_text(r["context"]) for r in records]
     network = nnx.merge(setup.graphdef, setup.params, setup.rest)
     settings = config_lib.generation_settings(config)
     responses = generation_eval.generate_texts(
@@ -134,7 +133,7 @@ def generate_split(config: config_dict.ConfigDict, workdir: str, iteration: int,
         seed=config.seed + iteration,
     )
     generated_s = time.perf_counter() - started
-    verdicts = list(judge(contexts, responses))
+    verdicts = list(judge.verdicts(contexts, responses))
     examples = [
         {"context": c, "label": r, "verdict": v, "iteration": iteration,
          "feedback": schema.POSITIVE if v == "good" else schema.NEGATIVE}
@@ -143,9 +142,9 @@ def generate_split(config: config_dict.ConfigDict, workdir: str, iteration: int,
     balanced, counts = generated.balance(examples, seed=config.seed + iteration)
     meta = {
         "iteration": iteration, "model": checkpoint, "model_in_workdir": os.path.relpath(checkpoint, workdir),
-        "judge": judge_name, "settings": dataclasses.asdict(settings),
+        "judge": judge.name, "settings": dataclasses.asdict(settings),
         "contexts_requested": config.iterate.contexts, "contexts": len(contexts), "balance": counts,
-        "verdicts": generation_eval.judge_summary(verdicts, reasons),
+        "verdicts": generation_eval.judge_summary(verdicts, judge.bad_reasons),
         "generate_s": round(generated_s, 1),
     }
     path = os.path.join(iteration_dir(workdir, iteration), "generated")
@@ -223,10 +222,10 @@ def run(config: config_dict.ConfigDict, workdir: str) -> list[dict[str, Any]]:
                                      "judging are single-host (train the baseline on many hosts, iterate on one)")
     if not config.eval.generate_examples:
         raise config_lib.ConfigError("eval.generate_examples", "--mode=iterate evaluates generations: must be > 0")
-    judge, reasons, judge_name = eval_run.make_judge(config, workdir, config.iterate.judge)
+    judge = judges.make_judge(config, workdir, config.iterate.judge)
     if judge is None:
         raise config_lib.ConfigError("iterate.judge", "no judge: train one with --mode=train_judge "
-                                     f"(looked for {eval_run.judge_path(config, workdir)}) or name one")
+                                     f"(looked for {judges.judge_path(config, workdir)}) or name one")
     start = starting_checkpoint(config, workdir)
     rows = [result_row(0, start, _baseline_evaluation(config, workdir, start), None)]
     previous = start
@@ -234,16 +233,16 @@ def run(config: config_dict.ConfigDict, workdir: str) -> list[dict[str, Any]]:
         run_dir = iteration_dir(workdir, iteration)
         split_path = os.path.join(run_dir, "generated")
         if not os.path.exists(os.path.join(split_path, "meta.json")):
-            generate_split(config, workdir, iteration, previous, judge, reasons, judge_name)
+            generate_split(config, workdir, iteration, previous, judge)
         split_meta = json.load(open(os.path.join(split_path, "meta.json")))
-        check_split_matches(split_meta, split_path, config, workdir, previous, judge_name)
+        check_split_matches(split_meta, split_path, config, workdir, previous, judge.name)
         cfg = iteration_config(config, workdir, iteration, previous)
         if not os.path.exists(os.path.join(run_dir, "summary.json")):
             logging.info("iteration %d: training %d steps from %s", iteration, cfg.train.steps, previous)
             loop.run(cfg, run_dir)
         previous = latest_checkpoint(run_dir)
         rows.append(result_row(iteration, previous, evaluation(cfg, run_dir), split_meta))
-        _write_results(workdir, rows, judge_name)  # after every iteration: progress is readable while it runs
+        _write_results(workdir, rows, judge.name)  # after every iteration: progress is readable while it runs
     print(format_results(rows))
     return rows
 

@@ -6,7 +6,7 @@ shapes only: the model is built under ``nnx.eval_shape`` and every leaf of the
 state becomes a ``jax.ShapeDtypeStruct`` carrying the sharding the run gives
 it (parameters by the rules table, as ``model.build`` places them; optimizer
 moments like their parameters; step, RNG key and counters replicated; batch
-rows like ``pipeline.global_batch_to_device``). No weight is ever allocated,
+rows like ``sharding.put_batch``). No weight is ever allocated,
 so a 175B model plans on a laptop.
 
 Shapes come from ``config.bench`` (global batch, context and label lengths)
@@ -35,10 +35,17 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
+from jax.extend import core
 from ml_collections import config_dict
 
 from bb3x_jax import config as config_lib
 from bb3x_jax import sharding
+from bb3x_jax.model import build
+from bb3x_jax.model import config as model_config
+from bb3x_jax.modes import bench as bench_lib
+from bb3x_jax.train import runtime
+from bb3x_jax.train import step as step_lib
 
 GB = 1e9  # plan.device_memory_gb and the table count in 10^9 bytes
 
@@ -105,11 +112,6 @@ def opt_state_shardings(opt_state, params, mesh) -> list:
 
 def abstract_state(cfg, tx, seed: int, mesh):
     """(graphdef, TrainState of ShapeDtypeStructs with the run's shardings); nothing is allocated."""
-    from flax import nnx
-
-    from bb3x_jax.model import build
-    from bb3x_jax.train import step as step_lib
-
     model = nnx.eval_shape(lambda: build.build(cfg, seed=seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     # The placement model.build gives the run's parameters (and its RNG streams).
@@ -128,8 +130,6 @@ def abstract_state(cfg, tx, seed: int, mesh):
 
 def abstract_batch(cfg, bench: config_dict.ConfigDict, mesh) -> dict:
     """The bench section's batch as the pipeline shards it (rows over the batch mesh axes)."""
-    from bb3x_jax.modes import bench as bench_lib
-
     rows = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(("batch",), mesh))
     example = bench_lib.synthetic_batch(cfg, bench.batch, bench.context, bench.label, bench.negative_fraction, 0)
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows) for k, v in example.items()}
@@ -147,8 +147,6 @@ def matmul_flops(jaxpr) -> float:
     XLA's cost analysis counts a loop body once, so with scanned layers it misses
     all layers but one; this count also sees what remat recomputes.
     """
-    from jax.extend import core
-
     total = 0.0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
@@ -166,8 +164,6 @@ def matmul_flops(jaxpr) -> float:
 
 def planned_model(config: config_dict.ConfigDict):
     """The preset with the run's overrides and scanned layers, checked against the bench shapes."""
-    from bb3x_jax.model import config as model_config
-
     if config.train.init_from:
         raise config_lib.ConfigError("train.init_from", "plan mode plans config.model.preset; leave init_from empty "
                                                         "and pick the preset of the same architecture")
@@ -183,9 +179,6 @@ def planned_model(config: config_dict.ConfigDict):
 
 def plan(config: config_dict.ConfigDict) -> dict[str, Any]:
     """Lowers and compiles the train step for ``config`` on simulated devices; the plan as a dict."""
-    from bb3x_jax.modes import bench as bench_lib
-    from bb3x_jax.train import step as step_lib
-
     start = time.perf_counter()
     if config.distributed.enabled:
         raise config_lib.ConfigError("distributed.enabled", "plan simulates every device in one process; set it False")
@@ -197,16 +190,10 @@ def plan(config: config_dict.ConfigDict) -> dict[str, Any]:
         raise config_lib.ConfigError("bench.batch", f"the global batch {b.batch} must be a multiple of {multiple} "
                                                     f"(the batch-sharded mesh axes of {dict(mesh.shape)})")
     cfg = planned_model(config)
-    tx = step_lib.make_optimizer(  # as train.setup.Setup builds them
-        learning_rate=train.learning_rate, warmup_steps=train.warmup_steps, total_steps=train.steps,
-        weight_decay=train.weight_decay, clip_norm=train.clip_norm, grad_accum=train.grad_accum,
-    )
+    tx = runtime.optimizer(config)
     graphdef, state = abstract_state(cfg, tx, config.seed, mesh)
     batch = abstract_batch(cfg, b, mesh)
-    train_step = sharding.MeshBound(step_lib.make_train_step(
-        graphdef, tx, objective=train.objective, alpha=train.alpha, k=train.k,
-        detach_positives=train.detach_positives, train_ce_on_positive=train.train_ce_on_positive, pad_id=cfg.pad_id,
-    ), mesh)
+    train_step = runtime.train_step(config, graphdef, tx, cfg.pad_id, mesh)
     lower_start = time.perf_counter()
     with jax.set_mesh(mesh):  # what sharding.MeshBound does around the run's calls
         traced = train_step.fn.trace(state, batch)

@@ -15,6 +15,7 @@ stop; the run resumes from it when started again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -24,11 +25,11 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from ml_collections import config_dict
 from tqdm import tqdm
 
 from bb3x_jax import config as config_lib
-from bb3x_jax.data import pipeline
 from bb3x_jax.data.tokenizers import files as tokenizer_files
 from bb3x_jax.errors import Stopped
 from bb3x_jax.eval import likelihood as eval_lib
@@ -74,7 +75,6 @@ class _StopRequests:
 
     def requested(self, step: int) -> bool:
         if jax.process_count() > 1:  # every process must stop at the same step
-            from jax.experimental import multihost_utils
 
             if multihost_utils.reached_preemption_sync_point(step):
                 self.signum = signal.SIGTERM
@@ -88,8 +88,6 @@ class _StopRequests:
 
 
 def _run_meta(setup: setup_lib.Setup, iterator_state: dict) -> dict:
-    import dataclasses
-
     return {
         "iterator": iterator_state,
         "config": json.loads(setup.config.to_json_best_effort()),
@@ -133,22 +131,23 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
     log = metrics_log.MetricsLog(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
     ckpt_every = config.checkpoint.every_steps
     eval_every = train.eval_every
-    window, tokens_seen = [], 0
+    window, window_tokens, tokens_seen = [], [], 0
     started = time.perf_counter()
     valid: dict[str, Any] | None = None
     try:
         with _StopRequests() as stop, tqdm(total=train.steps, initial=start_step, desc=f"train {train.objective}",
                                            unit="step", disable=jax.process_index() != 0) as bar:
             for step in range(start_step + 1, train.steps + 1):
-                local = next(iterator)
-                tokens_seen += int((local["context_ids"] != setup.pad_id).sum()
-                                   + (local["label_ids"] != setup.pad_id).sum())
-                state, metrics = setup.train_step(state, pipeline.global_batch_to_device(local, setup.mesh))
+                batch = next(iterator)  # global arrays, already on the mesh
+                state, metrics = setup.train_step(state, batch)
                 window.append(metrics)
+                window_tokens.append((batch["context_ids"] != setup.pad_id).sum()
+                                     + (batch["label_ids"] != setup.pad_id).sum())
                 if step % train.log_every == 0 or step == train.steps:
                     elapsed = time.perf_counter() - started
-                    values = {**_mean_metrics(window), "tokens_per_s": tokens_seen * jax.process_count() / elapsed}
-                    window = []
+                    tokens_seen += int(np.sum(jax.device_get(window_tokens)))
+                    values = {**_mean_metrics(window), "tokens_per_s": tokens_seen / elapsed}
+                    window, window_tokens = [], []
                     log.write("train", step, values)
                     bar.set_postfix(loss=f"{values['loss']:.3f}", ce=f"{values['ce_loss']:.3f}",
                                     ct=f"{values['ct_loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")

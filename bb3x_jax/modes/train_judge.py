@@ -1,8 +1,8 @@
-"""``--mode=train_judge``: a feedback classifier (good / bad bot response) and its loader.
+"""``--mode=train_judge``: train a feedback classifier (good / bad bot response) as a judge.
 
-Iterative CRINGE labels a model's own generations with a judge. On the
-synthetic release that is the world's rule (``synthetic.judge``); on real data
-it is this classifier, trained on the release's labelled bot messages (the
+Iterative CRINGE labels a model's own generations with a judge
+(``bb3x_jax.eval.judges``). On the synthetic release that can be the world's
+rule; on real data it is this classifier, trained on the release's labelled bot messages (the
 feedback policy's positive / negative; unlabeled messages are skipped and
 counted).
 
@@ -18,25 +18,14 @@ synthesizer's ``ground_truth.jsonl``) also the agreement with
 ``synthetic.judge`` (good vs not good) over ALL the split's bot responses,
 labelled or not.
 
-It writes ``<workdir>/judge/`` (or ``judge.path``) atomically (a temporary folder renamed into
-place, so a half-written judge is never loaded): ``params.npz`` (parameters by
-path), ``meta.json`` (classifier config, tokenizer source and fingerprint,
-training settings), ``report.json`` (the metrics) and ``tokenizer/`` (a copy of
-the tokenizer's files, ``bb3x_jax.data.tokenizers.files``; judges written
-before that kept a sentencepiece ``tokenizer.model``, still read).
-
-``load_judge(directory)`` gives a ``FeedbackJudge``: ``verdicts(contexts,
-responses)`` -> "good" / "bad" per pair (fixed batch shape, compiled once) and
-``judge(context, response)``; its only bad reason is "bad".
+It writes ``<workdir>/judge/`` (or ``judge.path``) with
+``judges.write_judge``; ``judges.load_judge`` reads it back.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -48,21 +37,13 @@ import optax
 from flax import nnx
 from ml_collections import config_dict
 
-from bb3x_jax.data import schema
+from bb3x_jax.data import schema, synthetic, token_cache
 from bb3x_jax.data.tokenizers import base as tokenizer_lib
-from bb3x_jax.data.tokenizers import files as tokenizer_files
+from bb3x_jax.eval import judges
+from bb3x_jax.eval.judges import BAD, FORMAT, GOOD, PREDICT_BATCH, TOKENIZER_BUNDLE, FeedbackJudge, encode, write_judge
 from bb3x_jax.model import classifier as classifier_lib
-
-FORMAT = "bb3x_jax.judge/1"
-JUDGE_DIR = "judge"
-PARAMS_FILE = "params.npz"
-META_FILE = "meta.json"
-REPORT_FILE = "report.json"
-TOKENIZER_BUNDLE = "tokenizer"
-TOKENIZER_COPY = "tokenizer.model"  # what judges written before bundles kept
-GOOD, BAD = "good", "bad"
-BAD_REASONS = (BAD,)
-PREDICT_BATCH = 256  # rows per compiled prediction call during evaluation
+from bb3x_jax.train import inputs as dataset
+from bb3x_jax.train import step as step_lib
 
 
 # --- data ---------------------------------------------------------------------------------
@@ -82,19 +63,13 @@ def read_split(source, *, keep_unlabeled: bool, block: int = 4096) -> dict[str, 
             counts[names[f]] += 1
             if f == schema.UNLABELED and not keep_unlabeled:
                 continue
-            contexts.append(tokenizer_lib._as_text(record["context"]))
-            responses.append(tokenizer_lib._as_text(record["label"]))
+            contexts.append(tokenizer_lib.as_text(record["context"]))
+            responses.append(tokenizer_lib.as_text(record["label"]))
             feedback.append(f)
     return {"contexts": contexts, "responses": responses, "feedback": np.asarray(feedback, np.int32),
             "counts": counts}
 
 
-def encode(contexts: Sequence[str], responses: Sequence[str], tokenizer, max_len: int,
-           chunk: int = 8192) -> np.ndarray:
-    """``classifier.encode_pairs`` in chunks (bounded memory on large splits)."""
-    parts = [classifier_lib.encode_pairs(contexts[i : i + chunk], responses[i : i + chunk], tokenizer, max_len)
-             for i in range(0, len(contexts), chunk)]
-    return np.concatenate(parts) if parts else np.zeros((0, max_len), np.int32)
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -130,8 +105,6 @@ def train_classifier(cfg: classifier_lib.ClassifierConfig, ids: np.ndarray, labe
     Linear warmup (10% of the steps) then linear decay, gradient clipping at 1.
     A pure function of its arguments: same inputs and seed, same parameters.
     """
-    from bb3x_jax.train import step as step_lib
-
     labels = np.asarray(labels, np.int32)
     weights = classifier_lib.class_weights(labels)
     graphdef, params, rest = nnx.split(classifier_lib.build(cfg, seed), nnx.Param, ...)
@@ -158,27 +131,6 @@ def train_classifier(cfg: classifier_lib.ClassifierConfig, ids: np.ndarray, labe
 
 
 # --- prediction and metrics ----------------------------------------------------------------
-def _padding_rows(n: int, cfg: classifier_lib.ClassifierConfig) -> np.ndarray:
-    """Filler rows of a fixed-shape batch: a lone separator (never an all-pad row)."""
-    rows = np.full((n, cfg.max_len), cfg.pad_id, np.int32)
-    rows[:, -1] = cfg.sep_id
-    return rows
-
-
-def batched_probabilities(logits_fn, cfg: classifier_lib.ClassifierConfig, ids: np.ndarray,
-                          batch_size: int) -> np.ndarray:
-    """P(good) for every row, through ``logits_fn`` on [batch_size, max_len] batches only."""
-    out = np.zeros(len(ids), np.float32)
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start : start + batch_size]
-        if len(chunk) < batch_size:
-            chunk = np.concatenate([chunk, _padding_rows(batch_size - len(chunk), cfg)])
-        logits = np.asarray(logits_fn(jnp.asarray(chunk)))
-        n = min(batch_size, len(ids) - start)
-        out[start : start + n] = 1.0 / (1.0 + np.exp(-logits[:n].astype(np.float64)))
-    return out
-
-
 def _ratio(a: int, b: int) -> float | None:
     return a / b if b else None
 
@@ -208,8 +160,6 @@ def ground_truth_agreement(contexts: Sequence[str], responses: Sequence[str], pr
     """The classifier against ``synthetic.judge`` (good vs any bad reason) on every response given,
     also split into the labelled and unlabeled ones (``feedback``), and how often the release's own
     labels agree with the judge (the noise of the training signal)."""
-    from bb3x_jax.data import synthetic
-
     truth = [synthetic.judge(c, r) for c, r in zip(contexts, responses)]
     true_good = np.asarray([v == synthetic.GOOD for v in truth], bool)
     predicted_good = np.asarray(predicted_good, bool)
@@ -227,138 +177,6 @@ def ground_truth_agreement(contexts: Sequence[str], responses: Sequence[str], pr
     release_good = feedback[labelled] == schema.POSITIVE
     result["release_labels_accuracy"] = float((release_good == true_good[labelled]).mean()) if labelled.any() else None
     return result
-
-
-# --- the judge on disk ---------------------------------------------------------------------------
-class JudgeLoadError(ValueError):
-    """A judge directory that exists but cannot be used (corrupt, incomplete, mismatched)."""
-
-
-def write_judge(directory: str, params, meta: dict, report: dict, tokenizer_spec) -> None:
-    """Writes the judge into a temporary sibling folder, then renames it to ``directory``.
-
-    A reader sees the old judge, no judge (for the instant between the two
-    renames when one existed), or the whole new one, never a partial one.
-    """
-    directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-    try:
-        os.chmod(tmp, 0o755)
-        np.savez(os.path.join(tmp, PARAMS_FILE), **classifier_lib.flat_params(params))
-        tokenizer_files.save_bundle(tokenizer_spec, os.path.join(tmp, TOKENIZER_BUNDLE))
-        for name, content in ((META_FILE, meta), (REPORT_FILE, report)):
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(content, f, indent=1)
-        for folder, _, names in os.walk(tmp):
-            for name in names:
-                with open(os.path.join(folder, name), "rb") as f:
-                    os.fsync(f.fileno())
-        old = None
-        if os.path.exists(directory):
-            old = tmp + ".old"
-            os.rename(directory, old)
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-class FeedbackJudge:
-    """A trained feedback classifier as a judge: "good" or "bad" per (context, response)."""
-
-    bad_reasons = BAD_REASONS
-
-    def __init__(self, cfg: classifier_lib.ClassifierConfig, params, tokenizer, meta: dict | None = None,
-                 directory: str = ""):
-        self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.meta = meta or {}
-        self.directory = directory
-        model = nnx.eval_shape(lambda: classifier_lib._construct(cfg, 0))
-        self._graphdef, _, self._rest = nnx.split(model, nnx.Param, ...)
-        self._params = params
-        self._logits = jax.jit(functools.partial(classifier_lib.logits_fn, self._graphdef))
-
-    def probabilities(self, contexts: Sequence[str | bytes], responses: Sequence[str | bytes],
-                      batch_size: int = 64) -> np.ndarray:
-        """P(good) per pair; batches of exactly ``batch_size`` rows (one compilation per batch size)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        ids = encode(list(contexts), list(responses), self.tokenizer, self.cfg.max_len)
-        return batched_probabilities(lambda x: self._logits(self._params, self._rest, x), self.cfg, ids, batch_size)
-
-    def verdicts(self, contexts: Sequence[str | bytes], responses: Sequence[str | bytes],
-                 batch_size: int = 64) -> list[str]:
-        """"good" or "bad" per (context, response); context = previous turns joined with "\\n"."""
-        return [GOOD if p > 0.5 else BAD for p in self.probabilities(contexts, responses, batch_size)]
-
-    def __call__(self, context: str | bytes, response: str | bytes) -> str:
-        return self.verdicts([context], [response])[0]
-
-
-def load_judge(directory: str) -> FeedbackJudge:
-    """The judge ``--mode=train_judge`` wrote to ``directory``; errors name the path and what is wrong."""
-    directory = os.path.abspath(os.path.expanduser(directory))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no feedback classifier at {directory}: train one with "
-                                f"`python main.py --mode=train_judge` (it writes <workdir>/{JUDGE_DIR})")
-    meta_path = os.path.join(directory, META_FILE)
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("format") != FORMAT:
-            raise JudgeLoadError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-        cfg = classifier_lib.ClassifierConfig.from_dict(meta["classifier"])
-        fingerprint = meta["tokenizer"]["fingerprint"]
-        recorded = meta["tokenizer"].get("path", "")
-    except FileNotFoundError:
-        raise JudgeLoadError(f"{directory} is not a complete feedback classifier: {META_FILE} is missing") from None
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        if isinstance(error, JudgeLoadError):
-            raise
-        raise JudgeLoadError(f"{meta_path} is unreadable or incomplete: {error!r}") from None
-    tokenizer = None
-    from bb3x_jax.data import token_cache
-
-    bundle = os.path.join(directory, TOKENIZER_BUNDLE)
-    if os.path.isdir(bundle):
-        try:
-            tokenizer = tokenizer_files.load(tokenizer_files.read_bundle(bundle))
-        except (OSError, RuntimeError, ValueError) as error:
-            raise JudgeLoadError(f"{bundle}: the judge's tokenizer does not load ({error})") from None
-        if token_cache.tokenizer_fingerprint(tokenizer) != fingerprint:
-            raise JudgeLoadError(f"{bundle}: tokenizer fingerprint differs from {meta_path}'s {fingerprint}")
-    for path in (recorded, os.path.join(directory, TOKENIZER_COPY)) if tokenizer is None else ():
-        if not path or not os.path.isfile(path):  # judges written before bundles: a sentencepiece copy
-            continue
-        try:
-            candidate = tokenizer_lib.SentencePieceTokenizer.load(path)
-        except (OSError, RuntimeError, ValueError) as error:
-            raise JudgeLoadError(f"{path}: not a usable sentencepiece model ({error})") from None
-        if token_cache.tokenizer_fingerprint(candidate) == fingerprint:
-            tokenizer = candidate
-            break
-    if tokenizer is None:
-        raise JudgeLoadError(f"{directory}: no tokenizer with fingerprint {fingerprint} (looked at {bundle}, "
-                             f"{recorded} and {os.path.join(directory, TOKENIZER_COPY)}); the judge was trained "
-                             "with another one")
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise JudgeLoadError(f"{directory}: tokenizer has {tokenizer.vocab_size} pieces, the classifier "
-                             f"{cfg.vocab_size}")
-    params_path = os.path.join(directory, PARAMS_FILE)
-    try:
-        with np.load(params_path) as arrays:
-            flat = {k: arrays[k] for k in arrays.files}
-        params = classifier_lib.unflat_params(classifier_lib.abstract_params(cfg), flat, where=params_path)
-    except FileNotFoundError:
-        raise JudgeLoadError(f"{directory} is not a complete feedback classifier: {PARAMS_FILE} is missing") from None
-    except (OSError, ValueError, EOFError) as error:
-        raise JudgeLoadError(f"{params_path} is unreadable: {error}") from None
-    return FeedbackJudge(cfg, params, tokenizer, meta, directory)
 
 
 # --- the mode ------------------------------------------------------------------------------------
@@ -412,9 +230,6 @@ def format_report(report: dict) -> str:
 
 
 def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
-    from bb3x_jax.data import token_cache
-    from bb3x_jax.train import inputs as dataset
-
     j = config.judge
     built, tokenizer = dataset.prepare_with_tokenizer(config, workdir)
     spec = dataset.tokenizer_spec(config, built)
@@ -468,9 +283,7 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
         "stream": config.data.stream, "dataset": built.builder_config.name, "data_dir": str(built.data_dir),
         "policy": config.data.policy.to_dict(),
     }
-    from bb3x_jax.modes.eval import judge_path
-
-    directory = os.path.abspath(judge_path(config, workdir))  # judge.path, else <workdir>/judge
+    directory = os.path.abspath(judges.judge_path(config, workdir))  # judge.path, else <workdir>/judge
     write_judge(directory, params, meta, report, spec)
     print(f"\nfeedback classifier -> {directory}")
     print(format_report(report))

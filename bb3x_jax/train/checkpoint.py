@@ -29,8 +29,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-FORMAT = "bb3x_jax.checkpoint/1"
-ITEMS = ("params", "train_state", "meta")
+from bb3x_jax.model.formats.orbax import FORMAT, ITEMS, read_params  # noqa: F401  (the layout is the model format's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,28 +148,3 @@ class Checkpointer:
                 logging.warning("checkpoint %s/%d cannot be restored (%s: %s); trying the previous one",
                                 self.directory, step, type(error).__name__, str(error).splitlines()[0][:300])
         return None
-
-
-def read_params(directory: str, abstract_params, step: int | None = None):
-    """Only the parameters (and meta) of a checkpoint: what inference and export need.
-
-    Leaves of ``abstract_params`` without a sharding are read onto this process's
-    first device, whatever mesh wrote them (orbax would otherwise want the writer's
-    devices, e.g. a pod's, and fail with a topology mismatch).
-    """
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract_params = jax.tree.map(
-        lambda x: x if getattr(x, "sharding", None) is not None else jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                                                           sharding=device),
-        abstract_params)
-    manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS,
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{directory}: no complete checkpoint")
-    restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore()))
-    if dict(restored["meta"]).get("format") != FORMAT:
-        raise ValueError(f"{directory}/{step}: not a bb3x_jax checkpoint")
-    manager.close()
-    return restored["params"], dict(restored["meta"])

@@ -1,7 +1,7 @@
-"""From the config to batches: release -> prepared TFDS data -> tokenizer -> iterator.
+"""A run's data from its config: release -> prepared TFDS data -> tokenizer -> iterator.
 
-Why a module of its own: main.py's modes (and later training, evaluation and
-iterative CRINGE) all need the same three cached artefacts, built once per
+Why a module of its own: every mode that reads the release (train, eval,
+chat, iterate, train_judge, data) needs the same three cached artefacts, built once per
 release and reused: the synthetic release when no real one is configured, the
 prepared dataset (keyed by the release's fingerprint) and the sentencepiece
 model trained on its train split (stored beside the prepared data).
@@ -14,9 +14,11 @@ import json
 import os
 from typing import Any
 
+import jax
 import tensorflow_datasets as tfds
 from absl import logging
 from ml_collections import config_dict
+from orbax.checkpoint import multihost
 
 from bb3x_jax import config as config_lib
 from bb3x_jax.data import builder as builder_lib
@@ -67,25 +69,9 @@ def prepare(config: config_dict.ConfigDict, workdir: str) -> builder_lib.Bb3xDep
     )
 
 
-def tokenizer_texts(source, limit: int, block: int = 1024):
-    """Training text for the tokenizer: each example's label and its context's last turn.
-
-    Labels cover the label sender's messages and last turns the partner's, so
-    both sides' vocabulary is seen without re-reading whole histories. The
-    first ``limit`` examples in stored (release) order: deterministic.
-    """
-    total = min(len(source), limit)
-    for start in range(0, total, block):
-        for record in source.__getitems__(range(start, min(start + block, total))):
-            yield record["label"]
-            context = record["context"]
-            yield context[context.rfind(b"\n") + 1 :] if isinstance(context, bytes) else context.rsplit("\n", 1)[-1]
-
-
 def is_synthetic_release(data: config_dict.ConfigDict) -> bool:
     """The synthetic world's release: synthesized into the data root, or a folder the synthesizer wrote."""
-    return not data.manual_dir or os.path.isfile(
-        os.path.join(os.path.expanduser(data.manual_dir), synthetic.GROUND_TRUTH_FILE))
+    return synthetic.is_release(data.manual_dir)
 
 
 def tokenizer_path(config: config_dict.ConfigDict, built: builder_lib.Bb3xDeployment) -> str:
@@ -117,7 +103,7 @@ def train_tokenizer(config: config_dict.ConfigDict, built: builder_lib.Bb3xDeplo
     logging.info("Training a %d-piece sentencepiece model on the train split -> %s", tok.vocab_size, path)
     source = records.TrainingRecords.of(built, "train")
     return tokenizer_lib.train_sentencepiece(
-        tokenizer_texts(source, tok.max_sentences),
+        records.tokenizer_texts(source, tok.max_sentences),
         path,
         vocab_size=tok.vocab_size,
         seed=0,
@@ -142,15 +128,12 @@ def prepare_with_tokenizer(config: config_dict.ConfigDict, workdir: str):
     collective, with its own long timeout); then the others make the same calls,
     which only read what process 0 wrote.
     """
-    import jax
-
     def make():
         built = prepare(config, workdir)
         return built, load_tokenizer(config, built)
 
     if jax.process_count() == 1:
         return make()
-    from orbax.checkpoint import multihost
 
     made = make() if jax.process_index() == 0 else None
     barrier = multihost.get_barrier_sync_fn()

@@ -79,6 +79,7 @@ class _EventWriter:
     """
 
     def __init__(self, directory: str, resume_step: int):
+        # deferred: tensorboard's protos load slowly and only runs that log events need them
         from tensorboard.compat.proto import event_pb2
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
@@ -103,7 +104,7 @@ class _EventWriter:
 
 
 def plot_curves(records: list[dict[str, Any]], path: str, title: str = "") -> str | None:
-    try:
+    try:  # deferred: matplotlib is slow to import and only the plot needs it
         import matplotlib
 
         matplotlib.use("Agg")

@@ -1,8 +1,9 @@
 """A run's parts built from the config: mesh, data, tokenizer, model, optimizer, step.
 
-Shared by the modes that need a model (train, eval, bench) so that each builds
-them the same way; ``with_data=False`` skips the data (bench uses synthetic
-batches and the preset's vocabulary).
+Shared by the modes that need a model so that each builds them the same way:
+``Setup`` for training (and the plan and bench modes, ``with_data=False``: the
+preset's vocabulary), ``trained_network`` for everything that uses a
+workdir's trained model (eval, chat, iterate).
 """
 
 from __future__ import annotations
@@ -14,13 +15,16 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from flax import nnx
 from ml_collections import config_dict
 
 from bb3x_jax import config as config_lib
 from bb3x_jax import sharding
 from bb3x_jax.data import pipeline
 from bb3x_jax.eval import likelihood as eval_lib
-from bb3x_jax.model import build
+from bb3x_jax.model import api, build
+from bb3x_jax.model import config as model_config
+from bb3x_jax.model.formats import tables
 from bb3x_jax.train import checkpoint as checkpoint_lib
 from bb3x_jax.train import inputs as dataset
 from bb3x_jax.train import step as step_lib
@@ -31,8 +35,6 @@ class Setup:
 
     def __init__(self, config: config_dict.ConfigDict, workdir: str, *, with_data: bool = True,
                  with_optimizer: bool = True):
-        from flax import nnx
-
         self.config = config
         self.workdir = workdir
         self.mesh = sharding.make_mesh(config.mesh.to_dict())
@@ -46,18 +48,10 @@ class Setup:
             self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
             self.state = None
             return
-        train = config.train
-        self.tx = step_lib.make_optimizer(
-            learning_rate=train.learning_rate, warmup_steps=train.warmup_steps, total_steps=train.steps,
-            weight_decay=train.weight_decay, clip_norm=train.clip_norm, grad_accum=train.grad_accum,
-        )
+        self.tx = optimizer(config)
         self.graphdef, self.state = step_lib.init_state(model, self.tx, config.seed, self.mesh)
         self.params, self.rest = self.state.params, self.state.rest
-        self.train_step = sharding.MeshBound(step_lib.make_train_step(
-            self.graphdef, self.tx, objective=train.objective, alpha=train.alpha, k=train.k,
-            detach_positives=train.detach_positives, train_ce_on_positive=train.train_ce_on_positive,
-            pad_id=self.pad_id,
-        ), self.mesh)
+        self.train_step = train_step(config, self.graphdef, self.tx, self.pad_id, self.mesh)
 
     @property
     def parameter_count(self) -> int:
@@ -70,7 +64,7 @@ class Setup:
             # All processes must pick the same bucket: a collective per batch, made in
             # this thread (pipeline.jax_length_sync), so no prefetching.
             config, sync = dataclasses.replace(config, prefetch=0, workers=0), pipeline.jax_length_sync
-        return pipeline.BatchIterator(source, self.tokenizer, config, length_sync=sync)
+        return pipeline.BatchIterator(source, self.tokenizer, config, length_sync=sync, mesh=self.mesh)
 
     def validate(self, params, rest, split: str = "valid", max_batches: int | None = None) -> dict[str, Any]:
         if not hasattr(self, "_eval_step"):
@@ -78,7 +72,25 @@ class Setup:
                                                  self.mesh)
         batches = self.config.train.eval_batches if max_batches is None else max_batches
         with self.iterator(split, train=False) as iterator:
-            return eval_lib.evaluate(self._eval_step, params, rest, iterator, self.mesh, batches)
+            return eval_lib.evaluate(self._eval_step, params, rest, iterator, batches)
+
+
+def optimizer(config: config_dict.ConfigDict):
+    """The run's optimizer (``config.train``); the plan mode compiles with the same one."""
+    train = config.train
+    return step_lib.make_optimizer(
+        learning_rate=train.learning_rate, warmup_steps=train.warmup_steps, total_steps=train.steps,
+        weight_decay=train.weight_decay, clip_norm=train.clip_norm, grad_accum=train.grad_accum,
+    )
+
+
+def train_step(config: config_dict.ConfigDict, graphdef, tx, pad_id: int, mesh) -> sharding.MeshBound:
+    """The run's jitted train step on ``mesh``; the plan mode lowers this same step from abstract shapes."""
+    train = config.train
+    return sharding.MeshBound(step_lib.make_train_step(
+        graphdef, tx, objective=train.objective, alpha=train.alpha, k=train.k,
+        detach_positives=train.detach_positives, train_ce_on_positive=train.train_ce_on_positive, pad_id=pad_id,
+    ), mesh)
 
 
 def init_model(config: config_dict.ConfigDict, tokenizer, mesh):
@@ -86,16 +98,10 @@ def init_model(config: config_dict.ConfigDict, tokenizer, mesh):
     path = config.train.init_from
     if not path:
         if tokenizer is None:  # synthetic batches: the preset's own vocabulary
-            from bb3x_jax.model import config as model_config
-
             cfg = model_config.preset(config.model.preset, **config_lib.model_overrides(config))
         else:
             cfg = config_lib.model_config(config, tokenizer)
         return cfg, build.build(cfg, seed=config.seed, mesh=mesh)
-    from flax import nnx
-
-    from bb3x_jax.model import api
-
     try:
         loaded = api.load(path, bpe_dir=config.data.tokenizer.bpe_dir, trust_pickle=config.train.trust_pickle)
     except (OSError, ValueError) as error:  # a missing or unreadable checkpoint file is the user's to fix
@@ -113,12 +119,55 @@ def init_model(config: config_dict.ConfigDict, tokenizer, mesh):
             )
     network = loaded.network
     if cfg.scan_layers != loaded.config.scan_layers:  # stacked <-> per-layer parameters
-        from bb3x_jax.model.formats import tables as convert
-
-        network = convert.relayout(network, cfg)
+        network = tables.relayout(network, cfg)
     params = nnx.state(network, nnx.Param)
     logging.info("Initialised from %s (%s)", path, loaded.source)
     return cfg, build.with_params(cfg, params, seed=config.seed, mesh=mesh)
+
+
+@dataclasses.dataclass
+class TrainedNetwork:
+    """A workdir's trained parameters, with the run's parts (tokenizer, framing, mesh) around them."""
+
+    setup: Setup
+    params: Any
+    step: int
+    checkpoint: str  # the step folder read
+
+    @property
+    def network(self):
+        return nnx.merge(self.setup.graphdef, self.params, self.setup.rest)
+
+
+def choose_step(checkpoints: checkpoint_lib.Checkpointer, which: str) -> int:
+    """The step ``which`` names: ``latest``, ``best`` (the newest when no metric chose one) or a number."""
+    steps = checkpoints.steps()
+    if not steps:
+        raise FileNotFoundError(f"{checkpoints.directory}: no checkpoint to evaluate (train first)")
+    if which == "latest":
+        return steps[-1]
+    if which == "best":
+        best = checkpoints.best_step()
+        return steps[-1] if best is None else best
+    if int(which) not in steps:
+        raise FileNotFoundError(f"{checkpoints.directory}: no checkpoint at step {which} (have {steps})")
+    return int(which)
+
+
+def trained_network(config: config_dict.ConfigDict, workdir: str, *,
+                    checkpoints_dir: str | None = None) -> TrainedNetwork:
+    """The parameters of ``eval.checkpoint`` (best by default) in ``<workdir>/checkpoints`` or
+    ``checkpoints_dir``; only the parameters are read, never the optimizer state."""
+    setup = Setup(config, workdir, with_optimizer=False)
+    checkpoints = checkpointer(config, workdir) if checkpoints_dir is None else \
+        checkpoint_lib.Checkpointer(checkpoints_dir, best_metric=config.checkpoint.best_metric,
+                                    best_mode=config.checkpoint.best_mode, async_save=False)
+    try:
+        step = choose_step(checkpoints, config.eval.checkpoint)
+    finally:
+        checkpoints.close()
+    params, _ = checkpoint_lib.read_params(checkpoints.directory, checkpoint_lib.abstract(setup.params), step)
+    return TrainedNetwork(setup, params, step, os.path.join(checkpoints.directory, str(step)))
 
 
 def checkpointer(config: config_dict.ConfigDict, workdir: str) -> checkpoint_lib.Checkpointer:

@@ -10,10 +10,9 @@ import sys
 import numpy as np
 
 from bb3x_jax import decoding
-from bb3x_jax.model.formats import tables as convert
+from bb3x_jax.model.formats import tables
+from tests import REPO
 from tests.model import hf_fixtures
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args, stdin: str):
@@ -28,7 +27,7 @@ def test_cli_generates_what_the_api_generates(tmp_path):
     hf, cfg = hf_fixtures.chatty_blenderbot(end_bias=2.0)
     hf.save_pretrained(tmp_path / "model")
     model = hf_fixtures.new_model(cfg)
-    convert.load_state_dict(model, hf.state_dict(), *convert.hf_blenderbot_table(cfg))
+    tables.load_state_dict(model, hf.state_dict(), *tables.hf_blenderbot_table(cfg))
     contexts = [[5, 6, 7, 9, 11], [8, 9, 10], [3, 4, 5, 6, 7, 8, 9, 10]]
     lines = "".join(json.dumps({"id": i, "context_ids": c}) + "\n" for i, c in enumerate(contexts))
     out = _run(str(tmp_path / "model"), "--method=beam", "--beam_size=3", "--max_len=10", stdin=lines)

@@ -10,9 +10,8 @@ import sys
 import pytest
 
 from bb3x_jax.data import schema
+from tests import REPO
 from tests.data import release_fixtures as fx
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run_cli(*args, check=True):

@@ -18,9 +18,8 @@ from bb3x_jax.data import framing as framing_lib
 from bb3x_jax.data import pipeline, prompts
 from bb3x_jax.data.framing import Framing
 from bb3x_jax.data.tokenizers import files as tokenizer_files
+from tests import REPO
 from tests import checkpoint_fixtures as fx
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,7 @@ import sys
 import pytest
 
 from bb3x_jax.experiments import bb3x_table
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import REPO
 
 
 def _row(name, good, **reasons):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,9 +12,8 @@ import torch
 
 import bb3x_jax
 from bb3x_jax.model import api
+from tests import REPO
 from tests.model import hf_fixtures
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_logits_teacher_forced_encoder_decoder(tmp_path):

@@ -17,8 +17,7 @@ from flax import nnx
 
 from bb3x_jax.model import config, transformer
 from bb3x_jax.model.__main__ import count_parameters
-from bb3x_jax.model.formats import parlai
-from bb3x_jax.model.formats import tables as convert
+from bb3x_jax.model.formats import parlai, tables
 from tests.model import hf_fixtures
 
 CONTEXT = np.array([[5, 6, 7, 9, 11, 0], [8, 9, 10, 0, 0, 0]])
@@ -30,9 +29,9 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 def _copy_weights(source, source_cfg, target_cfg, seed: int = 1):
     """A new model of ``target_cfg`` holding ``source``'s weights, through the ParlAI or OPT table."""
-    rows, tied = parlai.table(source_cfg) if source_cfg.arch == "encoder_decoder" else convert.hf_opt_table(source_cfg)
+    rows, tied = parlai.table(source_cfg) if source_cfg.arch == "encoder_decoder" else tables.hf_opt_table(source_cfg)
     target = hf_fixtures.new_model(target_cfg, seed=seed)
-    convert.load_state_dict(target, convert.export_state_dict(source, rows, tied), rows, tied)
+    tables.load_state_dict(target, tables.export_state_dict(source, rows, tied), rows, tied)
     return target, rows, tied
 
 
@@ -110,8 +109,8 @@ def test_scanned_parlai_round_trip_is_bit_exact(variant):
     the transformers tests), and the scanned model's logits equal the layer list's."""
     plain, scanned, cfg = _pair("tiny", variant=variant)
     rows, tied = parlai.table(cfg)
-    exported = convert.export_state_dict(scanned, rows, tied)
-    original = convert.export_state_dict(plain, rows, tied)
+    exported = tables.export_state_dict(scanned, rows, tied)
+    original = tables.export_state_dict(plain, rows, tied)
     assert exported.keys() == original.keys()
     for key in original:
         np.testing.assert_array_equal(exported[key], original[key], err_msg=key)
@@ -123,10 +122,10 @@ def test_abstract_scanned_model_is_filled_by_a_checkpoint():
     """A shape-only scanned model (nnx.eval_shape: no random init, one weight copy when filled) loads a
     checkpoint into its stacks and gives the layer list's logits."""
     plain, _, cfg = _pair("tiny_opt")
-    rows, tied = convert.hf_opt_table(cfg)
+    rows, tied = tables.hf_opt_table(cfg)
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: transformer.Transformer(cfg.replace(scan_layers=True), rngs=nnx.Rngs(1)))
-    convert.load_state_dict(abstract, convert.export_state_dict(plain, rows, tied), rows, tied)
+    tables.load_state_dict(abstract, tables.export_state_dict(plain, rows, tied), rows, tied)
     kernel = abstract.decoder.layers.ffn.lin1.kernel.get_value()
     assert isinstance(kernel, jax.Array) and kernel.shape == (cfg.n_decoder_layers, cfg.d_model, cfg.ffn_dim)
     forward = _jit(lambda m: m.label_logits(jnp.asarray(CONTEXT), jnp.asarray(LABEL)))
@@ -142,7 +141,7 @@ def test_scanned_model_to_transformers_and_back(tmp_path, kind):
     hf_model, cfg = hf_fixtures.tiny_blenderbot() if kind == "blenderbot" else hf_fixtures.tiny_opt()
     scanned_cfg = cfg.replace(scan_layers=True)
     model = hf_fixtures.new_model(scanned_cfg)
-    convert.load_state_dict(model, hf_model.state_dict(), *hf.table(cfg))
+    tables.load_state_dict(model, hf_model.state_dict(), *hf.table(cfg))
     hf.save_hf(model, scanned_cfg, str(tmp_path / "export"))
     import transformers
 
@@ -161,7 +160,7 @@ def test_scanned_model_to_transformers_and_back(tmp_path, kind):
             ours, valid = np.asarray(_jit(lambda m: m(None, jnp.asarray(ids)))(model)), ids != pad
     np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-5, rtol=0)
     again = hf_fixtures.new_model(scanned_cfg, seed=5)
-    convert.load_state_dict(again, hf.read_hf_weights(str(tmp_path / "export")), *hf.table(cfg))
+    tables.load_state_dict(again, hf.read_hf_weights(str(tmp_path / "export")), *hf.table(cfg))
     for (path, a), (_, b) in zip(nnx.iter_graph(model), nnx.iter_graph(again)):
         if isinstance(a, nnx.Param):
             np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
@@ -199,10 +198,10 @@ def _grads(model, deterministic: bool):
 
 def _flat(model, grads) -> dict[str, np.ndarray]:
     """Gradients under the checkpoint table's per-layer names, so both layouts compare key by key."""
-    rows, tied = parlai.table(model.cfg) if model.cfg.arch == "encoder_decoder" else convert.hf_opt_table(model.cfg)
+    rows, tied = parlai.table(model.cfg) if model.cfg.arch == "encoder_decoder" else tables.hf_opt_table(model.cfg)
     holder = hf_fixtures.new_model(model.cfg)
     nnx.update(holder, grads)
-    return convert.export_state_dict(holder, rows, tied)
+    return tables.export_state_dict(holder, rows, tied)
 
 
 @functools.lru_cache(maxsize=1)

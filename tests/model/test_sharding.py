@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import REPO
 
 SCRIPT = textwrap.dedent(
     """
@@ -43,7 +43,7 @@ SCRIPT = textwrap.dedent(
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     # A big preset's layout is checked abstractly: one tensor-sharded ffn kernel.
     mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
-    abstract = nnx.eval_shape(lambda: build._construct(config.preset("bb3_3b"), 0))
+    abstract = nnx.eval_shape(lambda: build.construct(config.preset("bb3_3b"), 0))
     _, state = nnx.split(abstract)
     shardings = build.parameter_shardings(state, mesh)
     kernel = shardings["decoder"]["layers"][0]["ffn"]["lin1"]["kernel"]

@@ -10,7 +10,7 @@ import torch
 from flax import nnx
 
 from bb3x_jax.model import config
-from bb3x_jax.model.formats import tables as convert
+from bb3x_jax.model.formats import tables
 from tests.model import hf_fixtures
 
 
@@ -20,7 +20,7 @@ def test_blenderbot_logits_match_transformers(scan):
     with the layer list and with scanned layers."""
     hf, cfg = hf_fixtures.tiny_blenderbot()
     model = hf_fixtures.new_model(cfg.replace(scan_layers=scan))
-    convert.load_state_dict(model, hf.state_dict(), *convert.hf_blenderbot_table(cfg))
+    tables.load_state_dict(model, hf.state_dict(), *tables.hf_blenderbot_table(cfg))
     enc = np.array([[5, 6, 7, 9, 11, 0], [8, 9, 10, 0, 0, 0], [3, 4, 5, 6, 7, 8]])
     dec = np.array([[1, 4, 5, 3], [1, 6, 7, 0], [1, 9, 0, 0]])
     with torch.no_grad():
@@ -37,7 +37,7 @@ def test_opt_logits_match_transformers_with_left_padding(scan):
     (layer list and scanned layers)."""
     hf, cfg = hf_fixtures.tiny_opt()
     model = hf_fixtures.new_model(cfg.replace(scan_layers=scan))
-    convert.load_state_dict(model, hf.state_dict(), *convert.hf_opt_table(cfg))
+    tables.load_state_dict(model, hf.state_dict(), *tables.hf_opt_table(cfg))
     ids = np.array([[2, 5, 6, 7, 9, 10], [1, 1, 2, 8, 9, 12], [1, 1, 1, 1, 2, 4]])
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(ids != 1).long()).logits.numpy()
@@ -52,8 +52,8 @@ def test_checkpoint_mismatches_are_listed():
     state.pop("model.encoder.layers.0.fc1.bias")
     state["model.encoder.layers.1.fc2.weight"] = torch.zeros(3, 3)
     state["retriever.weight"] = torch.zeros(2)
-    with pytest.raises(convert.CheckpointMismatch) as info:
-        convert.load_state_dict(hf_fixtures.new_model(cfg), state, *convert.hf_blenderbot_table(cfg))
+    with pytest.raises(tables.CheckpointMismatch) as info:
+        tables.load_state_dict(hf_fixtures.new_model(cfg), state, *tables.hf_blenderbot_table(cfg))
     text = str(info.value)
     assert "missing key 'model.encoder.layers.0.fc1.bias'" in text
     assert "shape of 'model.encoder.layers.1.fc2.weight' is (3, 3)" in text
@@ -66,8 +66,8 @@ def test_nonzero_output_bias_is_refused():
     hf, cfg = hf_fixtures.tiny_blenderbot()
     state = dict(hf.state_dict())
     state["final_logits_bias"] = torch.ones_like(state["final_logits_bias"])
-    with pytest.raises(convert.CheckpointMismatch, match="final_logits_bias"):
-        convert.load_state_dict(hf_fixtures.new_model(cfg), state, *convert.hf_blenderbot_table(cfg))
+    with pytest.raises(tables.CheckpointMismatch, match="final_logits_bias"):
+        tables.load_state_dict(hf_fixtures.new_model(cfg), state, *tables.hf_blenderbot_table(cfg))
 
 
 def test_parameters_carry_logical_axis_names():
@@ -149,7 +149,7 @@ def test_cached_decoding_equals_full_forward_and_transformers_blenderbot():
     """Step-by-step decoding with the KV cache gives the full forward's (and transformers') logits."""
     hf, cfg = hf_fixtures.tiny_blenderbot()
     model = hf_fixtures.new_model(cfg)
-    convert.load_state_dict(model, hf.state_dict(), *convert.hf_blenderbot_table(cfg))
+    tables.load_state_dict(model, hf.state_dict(), *tables.hf_blenderbot_table(cfg))
     enc = np.array([[5, 6, 7, 9, 11, 0], [8, 9, 10, 0, 0, 0]])
     dec = np.array([[1, 4, 5, 3, 8, 9], [1, 6, 7, 12, 13, 14]])
     full = np.asarray(model(jnp.asarray(enc), jnp.asarray(dec)))
@@ -169,7 +169,7 @@ def test_cached_decoding_equals_full_forward_and_transformers_opt(scan):
     (layer list, and scanned layers with a stacked cache)."""
     hf, cfg = hf_fixtures.tiny_opt()
     model = hf_fixtures.new_model(cfg.replace(scan_layers=scan))
-    convert.load_state_dict(model, hf.state_dict(), *convert.hf_opt_table(cfg))
+    tables.load_state_dict(model, hf.state_dict(), *tables.hf_opt_table(cfg))
     ids = np.array([[2, 5, 6, 7, 9, 10, 11], [1, 1, 2, 8, 9, 12, 13], [1, 1, 1, 2, 4, 5, 6]])
     full = np.asarray(model(None, jnp.asarray(ids)))
     cached = _cached_logits(model, ids, prefill=4)
@@ -188,7 +188,7 @@ def test_xlm_variant_matches_transformers_blenderbot_small():
     """
     hf, cfg = hf_fixtures.tiny_blenderbot_small()
     model = hf_fixtures.new_model(cfg)
-    convert.load_state_dict(model, hf.state_dict(), *convert.hf_blenderbot_table(cfg))
+    tables.load_state_dict(model, hf.state_dict(), *tables.hf_blenderbot_table(cfg))
     enc = np.array([[5, 6, 7, 9, 11, 0], [8, 9, 10, 0, 0, 0]])
     dec = np.array([[1, 4, 5, 3, 8], [1, 6, 7, 12, 0]])
     with torch.no_grad():

@@ -20,8 +20,8 @@ import pytest
 from bb3x_jax import config as config_lib
 from bb3x_jax.modes import plan
 from configs import cringe as cringe_config
+from tests import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHAPES = ("--config.model.preset=bb3_30b", "--config.model.dtype=bfloat16", "--config.bench.batch=8",
           "--config.bench.context=32", "--config.bench.label=16", "--config.mesh.data=1")
 
@@ -119,7 +119,8 @@ def test_fits_compares_the_total_with_the_device_memory(plans):
 _SAME_STATE = """
 import json, jax
 jax.config.update("jax_num_cpu_devices", 8)
-from bb3x_jax.train import plan, setup as setup_lib
+from bb3x_jax.modes import plan
+from bb3x_jax.train import runtime as setup_lib
 from configs import cringe
 config = cringe.get_config()
 config.mesh.update({"data": 2, "fsdp": 2, "tensor": 2})

@@ -17,7 +17,8 @@ import time
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import REPO
+
 STEPS = 12
 RUN_FLAGS = (
     "--config.data.synthetic.conversations=300", "--config.data.batch_size=8",
@@ -65,7 +66,7 @@ def final_params(workdir):
 
     cfg = model_config.ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
                                       for k, v in meta["model_config"].items()})
-    abstract = nnx.state(nnx.eval_shape(lambda: build._construct(cfg, 0)), nnx.Param)
+    abstract = nnx.state(nnx.eval_shape(lambda: build.construct(cfg, 0)), nnx.Param)
     params, _ = checkpoint_lib.read_params(directory, abstract, STEPS)
     return [np.asarray(x) for x in jax.tree.leaves(params)]
 

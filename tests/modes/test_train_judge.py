@@ -12,7 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import REPO
+
 JUDGE_FLAGS = (
     "--config.data.synthetic.conversations=300", "--config.data.tokenizer.vocab_size=1000",
     "--config.judge.d_model=32", "--config.judge.n_heads=2", "--config.judge.ffn_dim=64",
@@ -63,6 +64,7 @@ def _toy_pairs(rng, n):
 def test_classifier_learns_a_separable_signal(toy_tokenizer):
     """Model + class-weighted loss + jitted AdamW step learn a trivially separable rule (the response has
     "banana" or not) to > 95% held-out accuracy in a few dozen steps: the training path works at all."""
+    from bb3x_jax.eval import judges
     from bb3x_jax.model import classifier
     from bb3x_jax.modes import train_judge as judge_train
 
@@ -70,12 +72,12 @@ def test_classifier_learns_a_separable_signal(toy_tokenizer):
     cfg = classifier.ClassifierConfig(vocab_size=toy_tokenizer.vocab_size, d_model=32, n_heads=2, ffn_dim=64,
                                       n_layers=1, max_len=32, dropout=0.0)
     contexts, responses, labels = _toy_pairs(rng, 400)
-    ids = judge_train.encode(contexts, responses, toy_tokenizer, cfg.max_len)
+    ids = judges.encode(contexts, responses, toy_tokenizer, cfg.max_len)
     graphdef, params, rest, history = judge_train.train_classifier(cfg, ids, labels, steps=40, batch_size=32,
                                                                     learning_rate=3e-3, seed=0)
     assert history[-1]["loss"] < history[0]["loss"]
     held_contexts, held_responses, held_labels = _toy_pairs(rng, 200)
-    judge = judge_train.FeedbackJudge(cfg, params, toy_tokenizer)
+    judge = judges.FeedbackJudge(cfg, params, toy_tokenizer)
     verdicts = judge.verdicts(held_contexts, held_responses, batch_size=64)
     accuracy = np.mean([(v == "good") == bool(y) for v, y in zip(verdicts, held_labels)])
     assert accuracy > 0.95, accuracy
@@ -208,10 +210,10 @@ def test_train_judge_writes_the_judge_and_a_consistent_report(judged):
 def test_loaded_judge_gives_deterministic_verdicts(judged):
     """load_judge on the written directory returns "good"/"bad" per pair, the same answers on a second
     call and through __call__, and the same as the evaluation's threshold on P(good)."""
-    from bb3x_jax.modes import train_judge as judge_train
+    from bb3x_jax.eval import judges
 
     workdir, _ = judged
-    judge = judge_train.load_judge(os.path.join(workdir, "judge"))
+    judge = judges.load_judge(os.path.join(workdir, "judge"))
     contexts = ["Hi!", "I love cooking.\nMe too! What do you cook?\nMostly pasta. What is your favorite dish?", ""]
     responses = ["Hello! Do you like music?", "My favorite dish is lasagna.", "stupid idiot"]
     first = judge.verdicts(contexts, responses)
@@ -243,26 +245,26 @@ def test_same_seed_same_judge(judged, tmp_path):
 # --- loading errors -------------------------------------------------------------------------------
 def test_a_missing_judge_directory_names_the_path(tmp_path):
     """load_judge on a directory that does not exist fails with an error naming that path."""
-    from bb3x_jax.modes import train_judge as judge_train
+    from bb3x_jax.eval import judges
 
     missing = str(tmp_path / "no_such_judge")
     with pytest.raises(FileNotFoundError, match="no_such_judge"):
-        judge_train.load_judge(missing)
+        judges.load_judge(missing)
 
 
 def test_a_corrupt_or_incomplete_judge_names_the_path(judged, tmp_path):
     """A judge directory with a broken meta.json, or without its parameters, fails with an error that
     names the file, never with a half-loaded judge."""
-    from bb3x_jax.modes import train_judge as judge_train
+    from bb3x_jax.eval import judges
 
     workdir, _ = judged
     broken = tmp_path / "broken"
     shutil.copytree(os.path.join(workdir, "judge"), broken)
     (broken / "meta.json").write_text("{not json")
-    with pytest.raises(judge_train.JudgeLoadError, match=str(broken / "meta.json")):
-        judge_train.load_judge(str(broken))
+    with pytest.raises(judges.JudgeLoadError, match=str(broken / "meta.json")):
+        judges.load_judge(str(broken))
     incomplete = tmp_path / "incomplete"
     shutil.copytree(os.path.join(workdir, "judge"), incomplete)
     os.remove(incomplete / "params.npz")
-    with pytest.raises(judge_train.JudgeLoadError, match="params.npz is missing"):
-        judge_train.load_judge(str(incomplete))
+    with pytest.raises(judges.JudgeLoadError, match="params.npz is missing"):
+        judges.load_judge(str(incomplete))

@@ -21,7 +21,8 @@ from tests import checkpoint_fixtures as fx
 
 pytestmark = pytest.mark.slow  # each test trains (compiles the step) in a subprocess
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import REPO
+
 RUN_FLAGS = ("--config.data.synthetic.conversations=300", "--config.data.batch_size=8", "--config.train.steps=4",
              "--config.train.warmup_steps=1", "--config.train.log_every=2", "--config.train.eval_every=0",
              "--config.train.eval_batches=2", "--config.checkpoint.every_steps=4", "--config.data.num_workers=0")

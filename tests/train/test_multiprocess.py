@@ -137,7 +137,7 @@ def final_params(workdir: str) -> dict[str, np.ndarray]:
     directory = os.path.join(workdir, "checkpoints")
     meta = json.load(open(os.path.join(directory, str(STEPS), "meta", "metadata")))
     cfg = orbax_io.model_config_from_dict(meta["model_config"])
-    abstract = nnx.state(nnx.eval_shape(lambda: build._construct(cfg, 0)), nnx.Param)
+    abstract = nnx.state(nnx.eval_shape(lambda: build.construct(cfg, 0)), nnx.Param)
     params, meta = checkpoint_lib.read_params(directory, abstract, STEPS)
     assert meta["step"] == STEPS
     return {jax.tree_util.keystr(path): np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}

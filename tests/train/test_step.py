@@ -12,8 +12,7 @@ import numpy as np
 
 from bb3x_jax.model import build, config
 from bb3x_jax.train import step as step_lib
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import REPO
 
 
 def make_batch(seed: int = 0, batch: int = 8, lc: int = 12, ll: int = 6, vocab: int = 64):
@@ -92,7 +91,6 @@ SHARDED = textwrap.dedent(
     """
     import jax, numpy as np
     from bb3x_jax import sharding
-    from bb3x_jax.data import pipeline
     from bb3x_jax.model import build, config
     from bb3x_jax.train import step as step_lib
     from tests.train.test_step import make_batch
@@ -111,7 +109,7 @@ SHARDED = textwrap.dedent(
         for i in range(3):
             batch = make_batch(i)
             if mesh is not None:
-                batch = pipeline.global_batch_to_device(batch, mesh)
+                batch = sharding.put_batch(batch, mesh)
                 with jax.set_mesh(mesh):  # activations pinned by the rules table
                     if i == 0:
                         text = train_step.lower(state, batch).as_text()

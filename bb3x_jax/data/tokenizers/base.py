@@ -2,7 +2,7 @@
 
 Why this module exists: the model, the input pipeline and the evaluation code
 must agree on special ids and on how a multi-turn context becomes one token
-sequence. ParlAI conventions are used throughout (REFERENCE.md section 7):
+sequence. ParlAI's conventions are used throughout (its ``DictionaryAgent``):
 ids 0-3 are ``__null__`` (pad), ``__start__``, ``__end__``, ``__unk__``; the
 context is the previous turns joined by the delimiter ``"\\n"`` and truncated
 from the LEFT; labels end with ``__end__``.
@@ -315,14 +315,16 @@ def train_sentencepiece(
 
 
 # --- ParlAI framing ------------------------------------------------------------------
-def _as_text(x) -> str:
+def as_text(x) -> str:
+    """A text field as ``str``, whether TFDS handed it over as bytes, a 0-d array or text."""
     if isinstance(x, str):
         return x
     if isinstance(x, (bytes, bytearray, memoryview)):
         return bytes(x).decode("utf-8")
     if hasattr(x, "item"):  # 0-d numpy arrays
-        return _as_text(x.item())
+        return as_text(x.item())
     raise TypeError(f"expected str or UTF-8 bytes, got {type(x).__name__}")
+
 
 
 def encode_contexts(
@@ -343,7 +345,7 @@ def encode_contexts(
     delimiter contract the tokens of the trailing turns are exactly the tail of
     the full encoding, so the result is exact whatever the guess.
     """
-    texts = [_as_text(c) for c in contexts]
+    texts = [as_text(c) for c in contexts]
     if text_truncate is None:
         return tokenizer.encode_batch(texts)
     if text_truncate <= 0:
@@ -406,7 +408,7 @@ def encode_labels(labels: Sequence[str | bytes], tokenizer: Tokenizer, label_tru
         raise ValueError(f"label_truncate must be >= 1 (room for the end token), got {label_truncate}")
     keep = label_truncate - 1
     end = tokenizer.end_id
-    return [ids[:keep] + [end] for ids in tokenizer.encode_batch([_as_text(x) for x in labels])]
+    return [ids[:keep] + [end] for ids in tokenizer.encode_batch([as_text(x) for x in labels])]
 
 
 def encode_label(label: str | bytes, tokenizer: Tokenizer, label_truncate: int) -> list[int]:

@@ -147,8 +147,9 @@ from bb3x_jax.data.tokenizers.base import (
     START_TOKEN,
     UNK_ID,
     UNK_TOKEN,
-    _as_text,
     _read_bytes,
+    as_text,
+    encode_contexts,
 )
 
 PARLAI_SPECIALS = (PAD_TOKEN, START_TOKEN, END_TOKEN, UNK_TOKEN)
@@ -522,7 +523,7 @@ class _ByteLevelBpeBase:
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self._encode_batch([_as_text(t) for t in texts], continuation=False)
+        return self._encode_batch([as_text(t) for t in texts], continuation=False)
 
     def encode_batch_numpy(self, texts: Sequence[str]) -> list[np.ndarray]:
         return [np.asarray(ids, dtype=np.int32) for ids in self.encode_batch(texts)]
@@ -664,7 +665,7 @@ class _ByteLevelBpeBase:
         have ``text_truncate`` tokens or are fully encoded. Chunks meet at
         exact cuts, so the result equals whole-string encoding.
         """
-        texts = [_as_text(c) for c in contexts]
+        texts = [as_text(c) for c in contexts]
         if text_truncate is None:
             return self.encode_batch(texts)
         if text_truncate <= 0:
@@ -1065,8 +1066,6 @@ def encode_contexts_exact(
     keep the last tokens).
     """
     if getattr(tokenizer, "turnwise_exact", True):
-        from bb3x_jax.data.tokenizers.base import encode_contexts
-
         return encode_contexts(contexts, tokenizer, text_truncate, chars_per_token=chars_per_token)
     return tokenizer.encode_contexts(contexts, text_truncate, chars_per_token=chars_per_token)
 

@@ -39,6 +39,10 @@ import os
 import shutil
 from typing import Any
 
+from bb3x_jax.data.tokenizers import base as tokenizer_lib
+from bb3x_jax.data.tokenizers import bpe
+from bb3x_jax.model.formats import metaseq
+
 KINDS = ("sentencepiece", "checkpoint", "parlai", "hf", "metaseq")
 CONFIG_KINDS = ("auto",) + KINDS  # data.tokenizer.kind
 BUNDLE_FILE = "bb3x_tokenizer.json"
@@ -206,7 +210,6 @@ def checkpoint_kind(path: str, *, trust_pickle: bool = False) -> str:
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):
             return "hf"
-        from bb3x_jax.model.formats import metaseq
 
         if metaseq.is_metaseq_dir(path, trust_pickle=trust_pickle):
             return "metaseq"
@@ -218,7 +221,6 @@ def checkpoint_kind(path: str, *, trust_pickle: bool = False) -> str:
         return "sentencepiece"
     if os.path.isfile(parlai_opt_path(path)) or os.path.isfile(path + ".dict"):
         return "parlai"
-    from bb3x_jax.model.formats import metaseq
 
     if metaseq.is_metaseq_file(path, trust_pickle=trust_pickle):
         return "metaseq"
@@ -303,9 +305,6 @@ def recorded_truncation(spec: TokenizerSpec | None) -> tuple[int | None, int | N
 
 def load(spec: TokenizerSpec):
     """The tokenizer object for a resolved spec (files are read here)."""
-    from bb3x_jax.data.tokenizers import base as tokenizer_lib
-    from bb3x_jax.data.tokenizers import bpe
-
     f = spec.files
     try:
         if spec.kind == "sentencepiece":

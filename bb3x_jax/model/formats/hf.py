@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from bb3x_jax.model import transformer
 from bb3x_jax.model.config import ModelConfig
-from bb3x_jax.model.formats import pickles
-from bb3x_jax.model.formats import tables as convert
+from bb3x_jax.model.formats import pickles, tables
 
 _GELU_NAMES = ("gelu", "gelu_python")
 
@@ -93,14 +93,14 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def table(cfg: ModelConfig):
-    return convert.hf_blenderbot_table(cfg) if cfg.arch == "encoder_decoder" else convert.hf_opt_table(cfg)
+    return tables.hf_blenderbot_table(cfg) if cfg.arch == "encoder_decoder" else tables.hf_opt_table(cfg)
 
 
 class _SafetensorsFiles(Mapping):
     """The tensors of a directory's safetensors files, read one by one on access."""
 
     def __init__(self, files: list[str]):
-        from safetensors import safe_open
+        from safetensors import safe_open  # deferred: optional, only for this format
 
         self._handles = [safe_open(f, framework="numpy") for f in files]
         self._where = {key: h for h in self._handles for key in h.keys()}
@@ -133,19 +133,17 @@ def read_hf_weights(path: str, *, trust_pickle: bool = False) -> Mapping[str, An
 
 def load_hf(path: str, *, rngs: nnx.Rngs | None = None, trust_pickle: bool = False):
     """(model, config) from a transformers Blenderbot or OPT directory."""
-    from bb3x_jax.model import transformer
-
     with open(os.path.join(path, "config.json")) as f:
         cfg = config_from_hf(json.load(f))
     with nnx.use_eager_sharding(False):  # shapes only: every parameter is filled from the file
         model = nnx.eval_shape(lambda: transformer.Transformer(cfg, rngs=rngs or nnx.Rngs(0)))
-    convert.load_state_dict(model, read_hf_weights(path, trust_pickle=trust_pickle), *table(cfg))
+    tables.load_state_dict(model, read_hf_weights(path, trust_pickle=trust_pickle), *table(cfg))
     return model, cfg
 
 
 def state_dict_for_hf(model, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Our parameters under transformers' keys (tied aliases and the zero output bias included)."""
-    out = convert.export_state_dict(model, *table(cfg))
+    out = tables.export_state_dict(model, *table(cfg))
     if cfg.arch == "encoder_decoder":
         out["final_logits_bias"] = np.zeros((1, cfg.vocab_size), np.float32)
     return out
@@ -158,8 +156,8 @@ def save_hf(model, cfg: ModelConfig, path: str) -> None:
     (``mask_start_logit``): a model loaded from a ParlAI generator checkpoint
     exports with every other logit unchanged and the __start__ logit unmasked.
     """
-    import torch
-    import transformers
+    import torch  # deferred: torch is needed only to read PyTorch checkpoints
+    import transformers  # deferred: optional, only for this format
 
     fields = hf_config_dict(cfg)
     kind = fields.pop("model_type")
@@ -170,5 +168,5 @@ def save_hf(model, cfg: ModelConfig, path: str) -> None:
     tensors = {k: torch.from_numpy(v) for k, v in state_dict_for_hf(model, cfg).items()}
     missing, unexpected = hf_model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
-        raise convert.CheckpointMismatch(f"transformers model disagrees: missing {missing}, unexpected {unexpected}")
+        raise tables.CheckpointMismatch(f"transformers model disagrees: missing {missing}, unexpected {unexpected}")
     hf_model.save_pretrained(path)

@@ -74,13 +74,14 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 from flax import nnx
 
+from bb3x_jax.model import transformer
 from bb3x_jax.model.config import ModelConfig, preset
-from bb3x_jax.model.formats import pickles
-from bb3x_jax.model.formats import tables as convert
+from bb3x_jax.model.formats import pickles, tables
 
-CheckpointMismatch = convert.CheckpointMismatch
+CheckpointMismatch = tables.CheckpointMismatch
 
 # <stem>[-model_part-<i>][-shard<k>].pt
 _NAME_RE = re.compile(r"^(?P<stem>.+?)(?:-model_part-(?P<part>\d+))?(?:-shard(?P<shard>\d+))?\.pt$")
@@ -409,7 +410,7 @@ def _same_tensor(a, b) -> bool:
 def _unflatten(shards: list[Mapping[str, Any]], label: str, report: LoadReport) -> dict[str, _Lazy]:
     """The named tensors of one model-parallel part stored as FSDP flat parameters
     over ``shards`` (each a checkpoint dict with ``model`` and ``shard_metadata``)."""
-    import torch
+    import torch  # deferred: torch is needed only to read PyTorch checkpoints
 
     metas = [s.get("shard_metadata") for s in shards]
     if any(not isinstance(m, Mapping) or "param_metadata" not in m for m in metas):
@@ -488,7 +489,7 @@ def _normalise_prefix(state: dict[str, _Lazy], report: LoadReport) -> dict[str, 
 
 def _merge_parts(parts: list[dict[str, _Lazy]], report: LoadReport, problems: list[str]) -> dict[str, _Lazy]:
     """One logical (singleton) state from model-parallel parts, fused qkv split into q/k/v."""
-    import torch
+    import torch  # deferred: torch is needed only to read PyTorch checkpoints
 
     n = len(parts)
     keys = list(parts[0])
@@ -573,7 +574,7 @@ def _merge_parts(parts: list[dict[str, _Lazy]], report: LoadReport, problems: li
 # Names and filling.
 
 
-def table(cfg: ModelConfig) -> tuple[list[convert.Row], dict[str, str]]:
+def table(cfg: ModelConfig) -> tuple[list[tables.Row], dict[str, str]]:
     """Our parameters under metaseq's (singleton, separate q/k/v) names, and the tied output."""
     if cfg.arch != "decoder_only" or cfg.variant != "prelayernorm":
         raise ValueError("metaseq checkpoints hold pre-LN decoder-only (OPT) models")
@@ -584,7 +585,7 @@ def table(cfg: ModelConfig) -> tuple[list[convert.Row], dict[str, str]]:
     def norm(ours, theirs):
         return [(f"{ours}.scale", f"{theirs}.weight", None), (f"{ours}.bias", f"{theirs}.bias", None)]
 
-    rows: list[convert.Row] = [
+    rows: list[tables.Row] = [
         ("embeddings", _EMBED, None),
         ("decoder.position_embeddings", "decoder.embed_positions.weight", None),
         *norm("decoder.norm_embeddings", "decoder.layer_norm"),
@@ -613,7 +614,7 @@ class _Holder(nnx.Module):
 
 def _fill(network, cfg: ModelConfig, state: dict[str, _Lazy], problems: list[str]) -> None:
     """Fills ``network`` group by group (the top-level tensors, then each layer)
-    with ``convert.load_state_dict``; all problems are collected, then raised."""
+    with ``tables.load_state_dict``; all problems are collected, then raised."""
     rows, tied = table(cfg)
     if getattr(cfg, "scan_layers", False):  # layers stacked in one module: one group, all tensors at once
         groups: list[tuple[str, nnx.Module]] = [("", network)]
@@ -651,7 +652,7 @@ def _fill(network, cfg: ModelConfig, state: dict[str, _Lazy], problems: list[str
             except Exception as error:  # noqa: BLE001 - reported with the rest
                 problems.append(f"{key!r} could not be assembled: {error}")
         try:
-            convert.load_state_dict(module, values, rows_g, tied_g, zero_keys=())
+            tables.load_state_dict(module, values, rows_g, tied_g, zero_keys=())
         except CheckpointMismatch as error:
             lines = str(error).split("\n")[1:] or [str(error)]
             problems += [line.strip() for line in lines if line.strip()]
@@ -662,10 +663,6 @@ def _abstract_network(cfg: ModelConfig, seed: int):
     """The network with shape-only parameters (no random init: filling then holds one
     copy of the weights) and real non-parameter state (dropout keys from ``seed``,
     computed under jit, which drops the unused parameter initialisers)."""
-    import jax
-
-    from bb3x_jax.model import transformer
-
     def make():
         with nnx.use_eager_sharding(False):
             return transformer.Transformer(cfg, rngs=nnx.Rngs(seed))
@@ -713,7 +710,6 @@ def load_metaseq(path: str, *, seed: int = 0, trust_pickle: bool = False, **conf
     if len(files) > 1 and cfg.n_heads % len(files):
         problems.append(f"{cfg.n_heads} heads do not split over {len(files)} model-parallel parts")
     if getattr(cfg, "scan_layers", False):  # stacked layers are written into an existing stack: build it
-        from bb3x_jax.model import transformer
 
         with nnx.use_eager_sharding(False):
             network = transformer.Transformer(cfg, rngs=nnx.Rngs(seed))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from typing import Any
 
 import numpy as np
@@ -34,9 +35,9 @@ from flax import nnx
 
 from bb3x_jax.data import framing
 from bb3x_jax.data.tokenizers import files as tokenizer_files
+from bb3x_jax.model import transformer
 from bb3x_jax.model.config import ACTIVATIONS, VARIANTS, ModelConfig
-from bb3x_jax.model.formats import pickles
-from bb3x_jax.model.formats import tables as convert
+from bb3x_jax.model.formats import pickles, tables
 
 FID_PREFIXES = {"seq2seq_encoder.": "encoder.", "seq2seq_decoder.": "decoder."}
 
@@ -62,7 +63,7 @@ def config_from_opt(opt: dict[str, Any], vocab_size: int) -> ModelConfig:
     required = ("embedding_size", "n_heads", "ffn_size")
     missing = [k for k in required if k not in opt]
     if missing:
-        raise convert.CheckpointMismatch(f"opt lacks {missing}")
+        raise tables.CheckpointMismatch(f"opt lacks {missing}")
     unsupported = []
     if not opt.get("learn_positional_embeddings", False):
         unsupported.append("learn_positional_embeddings=False (sinusoidal positions are not implemented)")
@@ -79,7 +80,7 @@ def config_from_opt(opt: dict[str, Any], vocab_size: int) -> ModelConfig:
     if activation not in ACTIVATIONS:
         unsupported.append(f"activation={activation!r} (known: {', '.join(ACTIVATIONS)})")
     if unsupported:
-        raise convert.CheckpointMismatch("unsupported ParlAI options: " + "; ".join(unsupported))
+        raise tables.CheckpointMismatch("unsupported ParlAI options: " + "; ".join(unsupported))
     n_positions = opt.get("n_positions") or max(
         int(opt.get("truncate") or 0), int(opt.get("text_truncate") or 0), int(opt.get("label_truncate") or 0), 1024
     )
@@ -130,16 +131,16 @@ def opt_from_config(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def table(cfg: ModelConfig) -> tuple[list[convert.Row], dict[str, str]]:
+def table(cfg: ModelConfig) -> tuple[list[tables.Row], dict[str, str]]:
     """Our parameters under ParlAI's TransformerGeneratorModel names."""
     lin = ("q_lin", "k_lin", "v_lin", "out_lin")
-    rows: list[convert.Row] = [("embeddings", "embeddings.weight", None)]
+    rows: list[tables.Row] = [("embeddings", "embeddings.weight", None)]
 
     def attention(ours: str, theirs: str):
-        return convert._attention(ours, theirs, *lin)
+        return tables.attention_rows(ours, theirs, *lin)
 
     def norm(ours: str, theirs: str):
-        return convert._norm(ours, theirs)
+        return tables.norm_rows(ours, theirs)
 
     def ffn(ours: str, theirs: str):
         return [
@@ -201,7 +202,7 @@ def read_checkpoint(path: str, *, trust_pickle: bool = False) -> tuple[Any, dict
     """
     checkpoint = pickles.load(path, trust_pickle=trust_pickle)  # tensors are read as they are used
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise convert.CheckpointMismatch(f"{path}: not a ParlAI checkpoint (a dict with 'model')")
+        raise tables.CheckpointMismatch(f"{path}: not a ParlAI checkpoint (a dict with 'model')")
     if os.path.isfile(tokenizer_files.parlai_opt_path(path)):
         return checkpoint, tokenizer_files.read_parlai_opt(path), tokenizer_files.parlai_opt_path(path)
     if isinstance(checkpoint.get("opt"), dict):
@@ -212,25 +213,23 @@ def read_checkpoint(path: str, *, trust_pickle: bool = False) -> tuple[Any, dict
 
 def load_parlai(path: str, *, rngs: nnx.Rngs | None = None, trust_pickle: bool = False):
     """(model, config, report) from a ParlAI checkpoint (model file; ``.opt`` beside it)."""
-    from bb3x_jax.model import transformer
-
     checkpoint, opt, opt_file = read_checkpoint(path, trust_pickle=trust_pickle)
     report = LoadReport(path=path, opt=opt, opt_file=opt_file)
     state = _split_generator_keys(checkpoint["model"], report)
     if "embeddings.weight" not in state:
-        raise convert.CheckpointMismatch(f"{path}: no 'embeddings.weight' (shared embeddings) in the model state")
+        raise tables.CheckpointMismatch(f"{path}: no 'embeddings.weight' (shared embeddings) in the model state")
     cfg = config_from_opt(opt, vocab_size=int(state["embeddings.weight"].shape[0]))
     start = checkpoint["model"].get("START")
-    if start is not None and [int(x) for x in convert._to_numpy(start).reshape(-1)] != [cfg.start_id]:
-        raise convert.CheckpointMismatch(f"{path}: START buffer {start} differs from the start id {cfg.start_id}")
+    if start is not None and [int(x) for x in tables.to_numpy(start).reshape(-1)] != [cfg.start_id]:
+        raise tables.CheckpointMismatch(f"{path}: START buffer {start} differs from the start id {cfg.start_id}")
     with nnx.use_eager_sharding(False):  # shapes only: every parameter is filled from the file
         model = nnx.eval_shape(lambda: transformer.Transformer(cfg, rngs=rngs or nnx.Rngs(0)))
-    convert.load_state_dict(model, state, *table(cfg))
+    tables.load_state_dict(model, state, *table(cfg))
     return model, cfg, report
 
 
 def state_dict_for_parlai(model, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    return convert.export_state_dict(model, *table(cfg))
+    return tables.export_state_dict(model, *table(cfg))
 
 
 # Options of a source checkpoint that name another machine's files or run; ParlAI fills the
@@ -265,9 +264,7 @@ def save_parlai(model, cfg: ModelConfig, path: str, *, dict_file: str, base_opt:
     ``agent.save`` lays them out; ``bpe_files`` (GPT-2's ``encoder.json`` / ``vocab.bpe``) are copied
     beside them so that ``bb3x_jax.load`` finds them (ParlAI itself reads them from its datapath).
     Returns the files written."""
-    import shutil
-
-    import torch
+    import torch  # deferred: torch is needed only to read PyTorch checkpoints
 
     state = {k: torch.from_numpy(v) for k, v in state_dict_for_parlai(model, cfg).items()}
     # Tied entries share one tensor, as in a ParlAI model's state dict.

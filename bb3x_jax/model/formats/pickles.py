@@ -41,7 +41,7 @@ def load(path: str, *, trust_pickle: bool = False, pickle_module=None, mmap_only
     """``torch.load`` of ``path`` onto the CPU, memory-mapped where the file allows it (zip format;
     ``mmap_only``: fail otherwise, for cheap peeks), by the safe unpickler unless ``trust_pickle``;
     ``pickle_module`` is used for trusted reads only."""
-    import torch
+    import torch  # deferred: torch is needed only to read PyTorch checkpoints
 
     kwargs = {"map_location": "cpu", "weights_only": not trust_pickle}
     if trust_pickle and pickle_module is not None:

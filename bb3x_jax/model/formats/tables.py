@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from bb3x_jax.model.config import ModelConfig
+from bb3x_jax.model.transformer import Transformer
 
 Row = tuple[str, str, str | None]
 
@@ -31,7 +32,7 @@ class CheckpointMismatch(ValueError):
     """A checkpoint whose keys or shapes do not fit the architecture."""
 
 
-def _attention(ours: str, theirs: str, q="q_proj", k="k_proj", v="v_proj", o="out_proj") -> list[Row]:
+def attention_rows(ours: str, theirs: str, q="q_proj", k="k_proj", v="v_proj", o="out_proj") -> list[Row]:
     rows = []
     for mine, their in (("q_lin", q), ("k_lin", k), ("v_lin", v), ("out_lin", o)):
         rows.append((f"{ours}.{mine}.kernel", f"{theirs}.{their}.weight", "T"))
@@ -39,7 +40,7 @@ def _attention(ours: str, theirs: str, q="q_proj", k="k_proj", v="v_proj", o="ou
     return rows
 
 
-def _norm(ours: str, theirs: str) -> list[Row]:
+def norm_rows(ours: str, theirs: str) -> list[Row]:
     return [(f"{ours}.scale", f"{theirs}.weight", None), (f"{ours}.bias", f"{theirs}.bias", None)]
 
 
@@ -62,22 +63,22 @@ def hf_blenderbot_table(cfg: ModelConfig) -> tuple[list[Row], dict[str, str]]:
         ("embeddings", "model.shared.weight", None),
         ("encoder.position_embeddings", "model.encoder.embed_positions.weight", None),
         ("decoder.position_embeddings", "model.decoder.embed_positions.weight", None),
-        *_norm("encoder.norm_embeddings", f"model.encoder.{norm}"),
-        *_norm("decoder.norm_embeddings", f"model.decoder.{norm}"),
+        *norm_rows("encoder.norm_embeddings", f"model.encoder.{norm}"),
+        *norm_rows("decoder.norm_embeddings", f"model.decoder.{norm}"),
     ]
     for i in range(cfg.n_encoder_layers):
         ours, theirs = f"encoder.layers.{i}", f"model.encoder.layers.{i}"
-        rows += _attention(f"{ours}.attention", f"{theirs}.self_attn")
-        rows += _norm(f"{ours}.norm1", f"{theirs}.self_attn_layer_norm")
-        rows += _norm(f"{ours}.norm2", f"{theirs}.final_layer_norm")
+        rows += attention_rows(f"{ours}.attention", f"{theirs}.self_attn")
+        rows += norm_rows(f"{ours}.norm1", f"{theirs}.self_attn_layer_norm")
+        rows += norm_rows(f"{ours}.norm2", f"{theirs}.final_layer_norm")
         rows += _ffn(f"{ours}.ffn", theirs)
     for i in range(cfg.n_decoder_layers):
         ours, theirs = f"decoder.layers.{i}", f"model.decoder.layers.{i}"
-        rows += _attention(f"{ours}.self_attention", f"{theirs}.self_attn")
-        rows += _attention(f"{ours}.encoder_attention", f"{theirs}.encoder_attn")
-        rows += _norm(f"{ours}.norm1", f"{theirs}.self_attn_layer_norm")
-        rows += _norm(f"{ours}.norm2", f"{theirs}.encoder_attn_layer_norm")
-        rows += _norm(f"{ours}.norm3", f"{theirs}.final_layer_norm")
+        rows += attention_rows(f"{ours}.self_attention", f"{theirs}.self_attn")
+        rows += attention_rows(f"{ours}.encoder_attention", f"{theirs}.encoder_attn")
+        rows += norm_rows(f"{ours}.norm1", f"{theirs}.self_attn_layer_norm")
+        rows += norm_rows(f"{ours}.norm2", f"{theirs}.encoder_attn_layer_norm")
+        rows += norm_rows(f"{ours}.norm3", f"{theirs}.final_layer_norm")
         rows += _ffn(f"{ours}.ffn", theirs)
     # Keys that must equal another (tied) key, and the output bias that must be zero.
     tied = {
@@ -95,13 +96,13 @@ def hf_opt_table(cfg: ModelConfig) -> tuple[list[Row], dict[str, str]]:
     rows: list[Row] = [
         ("embeddings", "model.decoder.embed_tokens.weight", None),
         ("decoder.position_embeddings", "model.decoder.embed_positions.weight", None),
-        *_norm("decoder.norm_embeddings", "model.decoder.final_layer_norm"),
+        *norm_rows("decoder.norm_embeddings", "model.decoder.final_layer_norm"),
     ]
     for i in range(cfg.n_decoder_layers):
         ours, theirs = f"decoder.layers.{i}", f"model.decoder.layers.{i}"
-        rows += _attention(f"{ours}.self_attention", f"{theirs}.self_attn")
-        rows += _norm(f"{ours}.norm1", f"{theirs}.self_attn_layer_norm")
-        rows += _norm(f"{ours}.norm3", f"{theirs}.final_layer_norm")
+        rows += attention_rows(f"{ours}.self_attention", f"{theirs}.self_attn")
+        rows += norm_rows(f"{ours}.norm1", f"{theirs}.self_attn_layer_norm")
+        rows += norm_rows(f"{ours}.norm3", f"{theirs}.final_layer_norm")
         rows += _ffn(f"{ours}.ffn", theirs)
     return rows, {"lm_head.weight": "model.decoder.embed_tokens.weight"}
 
@@ -255,7 +256,7 @@ class _NumpyView(Mapping):
         self._source = state_dict
 
     def __getitem__(self, key: str) -> np.ndarray:
-        return _to_numpy(self._source[key])
+        return to_numpy(self._source[key])
 
     def __iter__(self):
         return iter(self._source)
@@ -267,7 +268,7 @@ class _NumpyView(Mapping):
         return key in self._source
 
 
-def _to_numpy(value) -> np.ndarray:
+def to_numpy(value) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor, without importing torch here
         value = value.detach().cpu()
         if str(value.dtype) == "torch.bfloat16":
@@ -279,8 +280,6 @@ def _to_numpy(value) -> np.ndarray:
 def relayout(model: nnx.Module, cfg: ModelConfig) -> nnx.Module:
     """The same weights in a model of ``cfg``, which may stack its layers differently
     (``scan_layers``): every parameter goes through its flat per-layer name."""
-    from bb3x_jax.model.transformer import Transformer
-
     rows = [(name, name, None) for name in _flat_params(model)]
     weights = export_state_dict(model, rows, {})
     with nnx.use_eager_sharding(False):

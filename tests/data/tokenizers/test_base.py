@@ -188,6 +188,6 @@ def test_rejects_models_without_parlai_ids(corpus):
 
 def test_as_text_rejects_non_text():
     """Context/label fields must be str or UTF-8 bytes; anything else is a loud error."""
-    assert tk._as_text(np.array(b"abc")) == "abc"
+    assert tk.as_text(np.array(b"abc")) == "abc"
     with pytest.raises(TypeError):
-        tk._as_text(3.5)
+        tk.as_text(3.5)

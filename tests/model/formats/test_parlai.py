@@ -11,8 +11,7 @@ import torch
 from flax import nnx
 
 from bb3x_jax.data.tokenizers import bpe
-from bb3x_jax.model.formats import parlai
-from bb3x_jax.model.formats import tables as convert
+from bb3x_jax.model.formats import parlai, tables
 from tests.model import hf_fixtures
 
 
@@ -20,7 +19,7 @@ def test_blenderbot_to_parlai_file_and_back(tmp_path):
     """transformers Blenderbot -> ours -> ParlAI file -> ours: bit-exact weights, same logits."""
     hf, cfg = hf_fixtures.tiny_blenderbot()
     model = hf_fixtures.new_model(cfg)
-    convert.load_state_dict(model, hf.state_dict(), *convert.hf_blenderbot_table(cfg))
+    tables.load_state_dict(model, hf.state_dict(), *tables.hf_blenderbot_table(cfg))
     path = str(tmp_path / "model.pt")
     bpe.write_parlai_dict(tmp_path / "source.dict", [f"tok{i}" for i in range(cfg.vocab_size)])
     written = parlai.save_parlai(model, cfg, path, dict_file=str(tmp_path / "source.dict"))
@@ -59,7 +58,7 @@ def test_fid_prefixes_and_retriever_keys_are_reported(tmp_path):
 def test_unsupported_options_fail_by_name(option, message):
     """An architecture option this implementation cannot honour is refused by name."""
     _, cfg = hf_fixtures.tiny_blenderbot()
-    with pytest.raises(convert.CheckpointMismatch, match=message):
+    with pytest.raises(tables.CheckpointMismatch, match=message):
         parlai.config_from_opt({**parlai.opt_from_config(cfg), **option}, vocab_size=cfg.vocab_size)
 
 

@@ -14,11 +14,10 @@ import torch
 
 import bb3x_jax
 from bb3x_jax.model.formats import pickles
+from tests import REPO
 from tests import checkpoint_fixtures as fx
 from tests.model import hf_fixtures
 from tests.model.formats import test_metaseq
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class _CreatesAFile:
