@@ -15,9 +15,14 @@ Modes:
          allocated) and print per-device memory and FLOPs per step.
   data   prepare the release (synthetic when config.data.manual_dir is empty),
          train the tokenizer, and run real batches through a sharded jitted step.
+
+A user's mistake (an unknown config key, a bad value, a missing or unreadable
+input) is one line on stderr, ``error: ...``, and exit status 2; ``--debug``
+(or ``BB3X_DEBUG=1``) shows the traceback as well.
 """
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -25,6 +30,12 @@ from ml_collections import config_flags
 
 from bb3x_jax import config as config_lib
 from bb3x_jax import errors
+from bb3x_jax.data.builder import EmptySplitError
+from bb3x_jax.data.release import ReleaseError
+from bb3x_jax.data.tokenizers.files import TokenizerFileError
+from bb3x_jax.eval.judges import JudgeLoadError
+from bb3x_jax.model.formats.pickles import UntrustedPickleError
+from bb3x_jax.model.formats.tables import CheckpointMismatch
 from bb3x_jax.modes import bench, chat, data, iterate, plan, train, train_judge
 from bb3x_jax.modes import eval as eval_mode
 
@@ -38,10 +49,14 @@ MODES = {
     "plan": plan.run,
     "data": data.run,
 }
+# What the user fixes: reported as one line, exit status 2 (anything else is a bug and traces back).
+USER_ERRORS = (errors.UserError, ReleaseError, TokenizerFileError, JudgeLoadError, UntrustedPickleError,
+               CheckpointMismatch, EmptySplitError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cringe.py", "Configuration file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/cringe", "Where everything this run writes goes.")
 _MODE = flags.DEFINE_enum("mode", "train", list(MODES), "What to run.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of a user error too (or set BB3X_DEBUG=1).")
 
 
 class _QuietLibraries:
@@ -51,21 +66,54 @@ class _QuietLibraries:
         return record.levelno >= 30 or "orbax" not in record.pathname
 
 
+def _one_line(error: BaseException) -> str:
+    text = str(error).replace("\\n", " ").replace("\\'", "'")
+    if text[:1] == text[-1:] == "'":  # a KeyError's repr inside an AttributeError
+        text = text[1:-1]
+    return " ".join(text.split()) or type(error).__name__
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a bad ``--config.*`` override (an unknown key, a value of the wrong
+    type) reported as one line instead of ml_collections' traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        _fail(f"{_one_line(error)} (see --helpshort)")
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        if os.environ.get("BB3X_DEBUG"):
+            raise
+        _fail(f"a --config override failed: {_one_line(error)}; check the key and the value's type "
+              "against the config file")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger("absl").addFilter(_QuietLibraries())
+    workdir = _WORKDIR.value
     try:
+        if os.path.exists(workdir) and not os.path.isdir(workdir):
+            raise errors.UserError(f"--workdir {workdir} is a file; give a folder (it is created if missing)")
         config = config_lib.validate(_CONFIG.value)
         config_lib.initialize_distributed(config)
-        MODES[_MODE.value](config, _WORKDIR.value)
-    except errors.ConfigError as error:  # a user's mistake: one line, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        MODES[_MODE.value](config, workdir)
+    except errors.TrainingDiverged as diverged:  # the step, its batch and the newest checkpoint kept
+        print(f"error: {diverged}", file=sys.stderr)
+        sys.exit(1)
     except errors.Stopped as stopped:
         print(stopped, file=sys.stderr)
         sys.exit(128 + stopped.signum)  # the conventional status of a signalled job
+    except USER_ERRORS as error:
+        if _DEBUG.value or os.environ.get("BB3X_DEBUG"):
+            raise
+        _fail(_one_line(error))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

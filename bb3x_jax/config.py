@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import jax
+from absl import logging
 from ml_collections import config_dict
 
 from bb3x_jax import decoding
@@ -102,8 +103,11 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
     _require(train.k >= 1, "train.k", "must be >= 1")
     _require(train.steps > 0, "train.steps", "must be positive")
     _require(train.learning_rate > 0, "train.learning_rate", "must be positive")
-    # A run shorter than its warmup (a smoke run of a real config) only warms up.
     _require(train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+    if train.warmup_steps > train.steps:  # allowed (a smoke run of a real config), but it only warms up
+        logging.warning("config.train.warmup_steps=%d is more than train.steps=%d: the run only warms up, "
+                        "its learning rate peaks at %.3g of train.learning_rate", train.warmup_steps, train.steps,
+                        train.steps / train.warmup_steps)
     _require(train.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     _require(train.log_every >= 1, "train.log_every", "must be >= 1")
     _require(config.model.preset in model_presets.PRESETS, "model.preset",
@@ -173,11 +177,13 @@ def model_overrides(config: config_dict.ConfigDict) -> dict:
             "remat": m.remat}
 
 
-# Config sections a resumed run may change (they do not change what was trained so far).
+# Config keys (and sections, ending in '.') a resumed run may change: they do not change what was
+# trained so far. Everything else (model, tokenizer, data source and stream, objective, optimizer,
+# seed) must equal the checkpoint's. ``data.dir`` only says where the prepared data is kept.
 _RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.init_from",
-                      "train.trust_pickle",
-                      "checkpoint.", "eval.", "iterate.", "judge.", "bench.", "plan.", "data_check.", "distributed.", "data.num_workers",
-                      "data.prefetch", "data.pipeline_workers", "data.manual_dir", "data.dir", "mesh.")
+                      "train.trust_pickle", "checkpoint.", "eval.", "iterate.", "judge.", "bench.", "plan.",
+                      "data_check.", "distributed.", "data.num_workers", "data.prefetch", "data.pipeline_workers",
+                      "data.dir", "mesh.")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -190,8 +196,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resumable(saved: dict, config: config_dict.ConfigDict) -> None:
-    """Fails naming the keys when a run is resumed with a config that changes what it trains.
+def check_resumable(saved: dict, config: config_dict.ConfigDict, checkpoint: str = "") -> None:
+    """Fails naming the keys and both values when a run is resumed with a config that changes
+    what it trains (``saved``: the config recorded in the checkpoint ``checkpoint``).
 
     Changing the step count, logging, checkpointing, the mesh or the number of
     workers is allowed (the mesh only changes placement); anything else that
@@ -205,8 +212,10 @@ def check_resumable(saved: dict, config: config_dict.ConfigDict) -> None:
     )
     if changed:
         details = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:10])
-        raise ConfigError(changed[0], f"differs from the checkpoint being resumed ({details}); "
-                                      "use a new --workdir to train with a different config")
+        where = f" {checkpoint}" if checkpoint else ""
+        raise ConfigError(changed[0], f"differs from the checkpoint being resumed{where} (checkpoint -> now: "
+                                      f"{details}); nothing was changed. Resume with the checkpoint's values, "
+                                      "or train with this config in a new --workdir")
 
 
 def model_config(config: config_dict.ConfigDict, tokenizer):

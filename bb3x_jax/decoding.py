@@ -72,6 +72,34 @@ class Settings:
 BB3_BEAM = dict(method="beam", beam_size=10, min_len=20, block_ngram=3, context_block_ngram=3)
 
 
+def check_ids(ids, vocab_size: int, where: str = "context_ids") -> None:
+    """Raises ValueError naming ``where`` and the first id outside ``[0, vocab_size)``.
+
+    An id the embedding table does not hold would otherwise be clamped inside
+    the jitted search and decode to a response as if it were valid. ``ids``:
+    an array or (nested) lists of integers.
+    """
+    array = np.asarray(ids) if isinstance(ids, np.ndarray) else None
+    if array is not None and np.issubdtype(array.dtype, np.integer):
+        bad = (array < 0) | (array >= vocab_size)
+        if bad.any():
+            raise ValueError(f"{where}: id {int(array[bad][0])} is outside the vocabulary [0, {vocab_size})")
+        return
+    for value in (array.ravel().tolist() if array is not None else _flat(ids)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{where}: id {value!r} is not an integer")
+        if not 0 <= value < vocab_size:
+            raise ValueError(f"{where}: id {int(value)} is outside the vocabulary [0, {vocab_size})")
+
+
+def _flat(ids):
+    for value in ids:
+        if isinstance(value, (list, tuple, np.ndarray)):
+            yield from _flat(value)
+        else:
+            yield value
+
+
 def pad_batch(contexts, *, rows: int, width: int, pad_id: int, filler_id: int | None = None) -> np.ndarray:
     """Context ids (a list of id lists, or a padded 2-D array) as a [rows, width] int32 batch.
 

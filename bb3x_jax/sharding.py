@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from bb3x_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axis (or axes, or None for replicated). Batch rows are
@@ -46,10 +48,13 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
     known = int(np.prod([s for s in shape if s != -1]))
     if -1 in shape:
         if num_devices % known:
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))}: {num_devices} devices not divisible by {known}")
+            raise ConfigError("mesh", f"{dict(zip(MESH_AXES, shape))}: {num_devices} devices are not divisible by "
+                                      f"{known}")
         shape[shape.index(-1)] = num_devices // known
     if int(np.prod(shape)) != num_devices:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, have {num_devices}")
+        raise ConfigError("mesh", f"{dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices, this run has "
+                                  f"{num_devices}; set config.mesh.* so that the sizes multiply to the device count "
+                                  "(one of them may be -1)")
     return tuple(shape)
 
 

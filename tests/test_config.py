@@ -95,3 +95,38 @@ def test_real_run_configs_are_valid(name):
     config = config_lib.validate(importlib.import_module(f"configs.{name}").get_config())
     assert config.train.learning_rate == 1e-6 and config.model.dtype == "bfloat16"
     assert config.data.tokenizer.kind == "auto" and config.data.context_framing == "auto"
+
+
+def test_resume_refusal_names_both_values_and_the_data_source():
+    """A refused resume names the key with the checkpoint's and this run's values; the data
+    source (data.manual_dir) is part of what was trained, data.dir (where it is kept) is not."""
+    import json
+
+    saved = json.loads(cringe.get_config().to_json_best_effort())
+    changed = cringe.get_config()
+    changed.model.preset = "small"
+    with pytest.raises(config_lib.ConfigError, match=r"config.model.preset: .*/ckpt/30 .*'tiny' -> 'small'"):
+        config_lib.check_resumable(saved, changed, "/ckpt/30")
+    changed = cringe.get_config()
+    changed.data.manual_dir = "/data/release"
+    with pytest.raises(config_lib.ConfigError, match="config.data.manual_dir"):
+        config_lib.check_resumable(saved, changed)
+    moved = cringe.get_config()
+    moved.data.dir = "/elsewhere"
+    config_lib.check_resumable(saved, moved)
+
+
+def test_warmup_longer_than_the_run_is_allowed_with_a_warning(monkeypatch):
+    """train.warmup_steps > train.steps validates, and a warning says the run only warms up."""
+    from absl import logging
+
+    warnings = []
+    monkeypatch.setattr(logging, "warning", lambda msg, *args: warnings.append(msg % args))
+    config = cringe.get_config()
+    config.train.steps, config.train.warmup_steps = 10, 40
+    config_lib.validate(config)
+    assert any("train.warmup_steps=40 is more than train.steps=10" in w and "0.25" in w for w in warnings)
+    warnings.clear()
+    config.train.warmup_steps = 10
+    config_lib.validate(config)
+    assert not any("warmup" in w for w in warnings)

@@ -231,3 +231,11 @@ def test_ngram_bans_on_a_worked_example():
     assert banned([4, 9, 6, 0], 2, 2) == []  # "9" is followed only by padding
     assert banned([4, 5, 6, 0], 1, 3) == []  # fewer than n-1 tokens generated
     assert banned([0, 0, 0, 0], 0, 1) == [5, 6, 7, 9]  # unigrams: every source token
+
+
+@pytest.mark.parametrize("ids, bad", [([5, 1000000000], 1000000000), ([5, 4000], 4000), ([5, -3, 7], -3),
+                                      (np.array([[1, 2], [3, 4000]]), 4000), ([[1, 2], [5, -1]], -1)])
+def test_check_ids_names_the_first_id_outside_the_vocabulary(ids, bad):
+    with pytest.raises(ValueError, match=rf"^input:3: id {bad} is outside the vocabulary \[0, 4000\)$"):
+        decoding.check_ids(ids, 4000, "input:3")
+    decoding.check_ids([[0, 3999], [1]], 4000, "input:3")  # ragged rows, both ends of the range: fine

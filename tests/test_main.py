@@ -83,3 +83,39 @@ def test_train_mode_trains_logs_and_evaluates(tmp_path):
     valid = summary["valid"]
     assert valid["tokens_positive"] + valid["tokens_negative"] + valid["tokens_unlabeled"] > 0
     assert valid["ppl_unlabeled"] > 1
+
+
+def _user_mistakes(tmp_path):
+    """(flags, what the one line must say): mistakes a user makes at the command line."""
+    from tests.data.release_fixtures import write_release
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    malformed = write_release(str(tmp_path / "malformed"), extra_lines={7: [b'{"chat_id": "x", "message_history": [']})
+    return {
+        "key typo": (["--config.train.stesp=5"], 'Did you mean "steps"'),
+        "wrong type": (["--config.train.steps=abc"], "--config.train.steps=abc"),
+        "bad value": (["--config.train.learning_rate=-1"], "config.train.learning_rate"),
+        "workdir is a file": ([f"--workdir={a_file}"], f"--workdir {a_file} is a file"),
+        "mesh larger than the devices": (["--config.mesh.data=3"], "config.mesh: "),
+        "malformed release": ([f"--config.data.manual_dir={malformed}"], "release_data_07.jsonl"),
+    }
+
+
+@pytest.mark.parametrize("case", ["key typo", "wrong type", "bad value", "workdir is a file",
+                                  "mesh larger than the devices", "malformed release"])
+def test_a_user_mistake_is_one_line_and_status_2(case, tmp_path):
+    """Every mistake a user can fix ends with one line on stderr naming what to fix, exit status 2,
+    and no traceback (a traceback is for bugs)."""
+    args, expected = _user_mistakes(tmp_path)[case]
+    if not any(a.startswith("--workdir") for a in args):
+        args = [f"--workdir={tmp_path / 'run'}", *args]
+    cmd = [sys.executable, "main.py", "--config", "configs/cringe.py", "--mode=data",
+           "--config.data.synthetic.conversations=100", *args]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]

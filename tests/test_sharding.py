@@ -6,7 +6,7 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from bb3x_jax import sharding
+from bb3x_jax import errors, sharding
 
 
 def test_mesh_fills_the_free_axis():
@@ -16,8 +16,9 @@ def test_mesh_fills_the_free_axis():
 
 
 def test_mesh_that_does_not_fit_is_refused():
-    """A mesh whose size differs from the device count fails with both numbers."""
-    with pytest.raises(ValueError, match="needs 4 devices, have 8"):
+    """A mesh whose size differs from the device count fails with both numbers, naming config.mesh
+    (a ConfigError: main.py prints it as one line)."""
+    with pytest.raises(errors.ConfigError, match=r"config\.mesh: .*needs 4 devices, this run has 8"):
         sharding.mesh_shape({"data": 2, "fsdp": 2, "tensor": 1}, 8)
     with pytest.raises(ValueError, match="not divisible"):
         sharding.mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)

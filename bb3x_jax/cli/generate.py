@@ -11,17 +11,22 @@ ParlAI checkpoint's dictionary, an OPT checkpoint's BPE files, a training
 run's copy), or ``--tokenizer`` (anything ``data.tokenizer.path`` takes).
 Each output line (stdout, or ``--output``) repeats the input with
 ``response_ids`` and, with a tokenizer, ``response``. Lines are decoded in
-batches of ``--batch`` rows; a malformed line stops the run naming its number.
+batches of ``--batch`` rows. A malformed line (or an id outside the model's
+vocabulary ``[0, vocab_size)``) stops the run before any decoding, with one
+line naming the input and the line number, exit status 2; so does a missing or
+unreadable model.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import sys
 
 from absl import app, flags
 
 from bb3x_jax import decoding
+from bb3x_jax.cli import convert
 from bb3x_jax.data import framing as framing_lib
 from bb3x_jax.data.tokenizers import files as tokenizer_files
 from bb3x_jax.eval import generation as generation_eval
@@ -55,26 +60,43 @@ def _settings() -> decoding.Settings:
     return decoding.Settings(**values)
 
 
-def _read(path: str, tokenizer, framing) -> tuple[list[dict], list[list[int]]]:
-    stream = sys.stdin if path == "-" else open(path)
+def _fail(message: str) -> None:
+    """A user mistake: one line on stderr, exit status 2 (a traceback is left for bugs)."""
+    print(f"generate: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _read(path: str, tokenizer, framing, vocab_size: int) -> tuple[list[dict], list[list[int]]]:
+    try:
+        stream = sys.stdin if path == "-" else open(path)
+    except OSError as error:
+        _fail(f"{path}: {error.strerror or error}")
     records, rows = [], []
     for number, line in enumerate(stream, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("expected a JSON object with context_ids or context")
             if "context_ids" in record:
-                ids = [int(t) for t in record["context_ids"]][-framing.text_truncate:]
+                given = record["context_ids"]
+                if not isinstance(given, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                          for t in given):
+                    raise ValueError("context_ids must be a list of integers")
+                ids = given
             elif "context" in record and tokenizer is not None:
                 ids = framing_lib.frame_context_rows([record["context"]], tokenizer, framing).row(0)
             elif "context" in record:
                 raise ValueError("a text context needs a tokenizer: the model carries none; pass --tokenizer")
             else:
                 raise ValueError("needs context_ids or context")
+            decoding.check_ids(ids, vocab_size, f"{path}:{number}")  # all of them, before truncation
         except (ValueError, TypeError) as error:
-            raise SystemExit(f"{path}:{number}: {error}") from None
+            message = str(error)
+            _fail(message if message.startswith(f"{path}:{number}: ") else f"{path}:{number}: {message}")
         records.append(record)
-        rows.append(ids)
+        rows.append(ids[-framing.text_truncate:] if "context_ids" in record else ids)
     return records, rows
 
 
@@ -94,13 +116,16 @@ def _tokenizer_and_framing(model):
 def main(argv):
     if len(argv) != 2:
         raise app.UsageError("usage: python -m bb3x_jax.cli.generate MODEL [flags]")
+    if problem := convert.source_file_problem(argv[1]):
+        _fail(problem)
     try:
         settings = _settings()
         model = api.load(argv[1], bpe_dir=_BPE_DIR.value, trust_pickle=_TRUST_PICKLE.value)
         tokenizer, framing = _tokenizer_and_framing(model)
-    except (OSError, ValueError) as error:  # a missing file or bad flag value: one line, no traceback
-        raise SystemExit(f"generate: {error}") from None
-    records, rows = _read(_INPUT.value, tokenizer, framing)
+    except (OSError, ValueError, pickle.UnpicklingError, EOFError) as error:  # a missing or unusable file, a bad flag
+        message = str(error) or type(error).__name__
+        _fail(message if argv[1] in message else f"{argv[1]}: {message}")
+    records, rows = _read(_INPUT.value, tokenizer, framing, model.config.vocab_size)
     pad = model.config.pad_id
     out = sys.stdout if _OUTPUT.value == "-" else open(_OUTPUT.value, "w")
     width = max((len(r) for r in rows), default=1)

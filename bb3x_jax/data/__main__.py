@@ -12,6 +12,11 @@ can be piped into ``jq``. Every release command works on any release folder or
 tarball. ``encode`` shows what a model sees: for each ``{"context", "label"}``
 line, the encoder input and decoder target the train step gets under that
 tokenizer and its framing (``bb3x_jax.data.framing``).
+
+A bad release (a malformed line, an unreadable chunk file or tarball) ends a
+command with one line on stderr naming the file and line, status 2, with or
+without worker processes; a worker process that dies ends it with one line,
+status 1.
 """
 
 from __future__ import annotations
@@ -261,9 +266,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         args.fn(args)
-    except release.ReleaseError as error:
+    except release.ReleaseError as error:  # bad input: one line naming the file (and line)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except parallel.WorkerDied as error:  # not the input's fault (killed, out of memory): one line, status 1
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,9 @@ def iter_examples(
     depend on ``num_workers``.
     """
     streams.stream_spec(stream)  # fail early on a bad name
-    lines = release.iter_chunk_lines(location, schema.SPLIT_CHUNKS[split], tarball_sha256=tarball_sha256)
+    lines = release.iter_chunk_lines(
+        location, schema.SPLIT_CHUNKS[split], tarball_sha256=tarball_sha256, report=report.read
+    )
     batches = _batched(lines, _LINES_PER_TASK)
     results = parallel.ordered_map(
         _process_lines,

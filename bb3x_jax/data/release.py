@@ -5,7 +5,10 @@ The release is 100 JSON Lines chunks, either unpacked in a folder or inside
 or U+2028, which text-mode readers and ``str.splitlines`` treat as line ends),
 the tarball is read as a stream and never unpacked, and every conversation is
 checked against the data card so a bad line fails with its file and line
-number — or, with ``skip_malformed``, is skipped and counted by reason.
+number — or, with ``skip_malformed``, is skipped and counted by reason. A file
+that cannot be read (a folder where a chunk should be, a truncated or corrupt
+tarball) fails naming it; a 0-byte chunk file holds no conversations and is
+counted in the report (``empty_chunk_files``), so a chunk lost in a copy shows.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import os
 import re
 import tarfile
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -46,11 +50,15 @@ class ReadReport:
     Invariant: ``conversations_read == conversations_used + skipped``. A
     conversation with an empty ``message_history`` is valid (ParlAI reads it and
     gets no examples): it is used, and counted in ``empty_conversations``.
+    A 0-byte chunk file holds no conversations; its name goes to
+    ``empty_chunk_files`` (a synthetic release with fewer than 100
+    conversations has such files; a real release has none).
     """
 
     conversations_read: int = 0
     conversations_used: int = 0
     empty_conversations: int = 0
+    empty_chunk_files: list[str] = dataclasses.field(default_factory=list)  # 0-byte chunk files read
     skipped_by_reason: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     skipped_examples: list[str] = dataclasses.field(default_factory=list)  # first few locations
 
@@ -67,6 +75,7 @@ class ReadReport:
         self.conversations_read += other.conversations_read
         self.conversations_used += other.conversations_used
         self.empty_conversations += other.empty_conversations
+        self.empty_chunk_files.extend(other.empty_chunk_files)
         self.skipped_by_reason.update(other.skipped_by_reason)
         room = 20 - len(self.skipped_examples)
         self.skipped_examples.extend(other.skipped_examples[: max(room, 0)])
@@ -76,6 +85,8 @@ class ReadReport:
             "conversations_read": self.conversations_read,
             "conversations_used": self.conversations_used,
             "empty_conversations": self.empty_conversations,
+            "empty_chunk_files": len(self.empty_chunk_files),
+            "empty_chunk_examples": self.empty_chunk_files[:20],
             "skipped": self.skipped,
             "skipped_by_reason": dict(sorted(self.skipped_by_reason.items())),
             "skipped_examples": list(self.skipped_examples),
@@ -136,8 +147,11 @@ def locate_release(manual_dir: str | os.PathLike) -> ReleaseLocation:
 
 def _looks_like_tarball(path: str) -> bool:
     """Magic bytes of gzip/bzip2/xz or a plain tar header (no archive scan)."""
-    with open(path, "rb") as f:
-        head = f.read(512)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as error:
+        raise ReleaseError("unreadable_file", path, error.strerror or str(error)) from None
     return head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00" or head[257:262] == b"ustar"
 
 
@@ -154,7 +168,10 @@ def check_tarball(path: str, expected_sha256: str | None) -> str:
 
     ``expected_sha256=None`` disables the check (for self-made tarballs).
     """
-    actual = sha256_file(path)
+    try:
+        actual = sha256_file(path)
+    except OSError as error:
+        raise ReleaseError("unreadable_file", path, error.strerror or str(error)) from None
     if expected_sha256 is not None and actual != expected_sha256.lower():
         raise ReleaseError(
             "checksum_mismatch",
@@ -204,12 +221,15 @@ def iter_chunk_lines(
     *,
     tarball_sha256: str | None = schema.TARBALL_SHA256,
     require_all: bool = True,
+    report: ReadReport | None = None,
 ) -> Iterator[tuple[int, str, int, bytes]]:
     """Yields (chunk id, file name, line number, raw line) for the given chunks.
 
     Missing chunk files raise one error listing every missing chunk; in tarball
     mode that is known only at the end of the stream, after the present chunks
-    were read.
+    were read. A chunk that cannot be read (a folder, no permission, a
+    truncated or corrupt tarball) raises ``unreadable_file`` naming it; 0-byte
+    chunk files are listed in ``report.empty_chunk_files``.
     """
     wanted = set(chunks)
     if location.kind == "folder":
@@ -218,31 +238,49 @@ def iter_chunk_lines(
         if missing and require_all:
             raise ReleaseError("missing_chunks", location.path, _missing_message(missing))
         for chunk in sorted(wanted & present.keys()):
-            with open(present[chunk], "rb") as f:
-                for lineno, raw in _split_lines(f):
-                    yield chunk, present[chunk], lineno, raw
+            yield from _read_chunk_file(chunk, present[chunk], report)
         return
 
     check_tarball(location.path, tarball_sha256)
     seen: set[int] = set()
-    with tarfile.open(location.path, mode="r|*") as archive:
-        for member in archive:
-            match = _CHUNK_RE.search(member.name)
-            if not match or not member.isfile():
-                continue
-            chunk = int(match.group(1))
-            if chunk not in wanted:
-                continue
-            if chunk in seen:
-                raise ReleaseError("duplicate_chunk", f"{location.path}:{member.name}", "chunk appears twice in the archive")
-            seen.add(chunk)
-            handle = archive.extractfile(member)
-            name = f"{location.path}:{member.name}"
-            for lineno, raw in _split_lines(handle):
-                yield chunk, name, lineno, raw
+    name = location.path
+    try:
+        with tarfile.open(location.path, mode="r|*") as archive:
+            for member in archive:
+                match = _CHUNK_RE.search(member.name)
+                if not match or not member.isfile():
+                    continue
+                chunk = int(match.group(1))
+                if chunk not in wanted:
+                    continue
+                name = f"{location.path}:{member.name}"
+                if chunk in seen:
+                    raise ReleaseError("duplicate_chunk", name, "chunk appears twice in the archive")
+                seen.add(chunk)
+                if member.size == 0 and report is not None:
+                    report.empty_chunk_files.append(name)
+                handle = archive.extractfile(member)
+                for lineno, raw in _split_lines(handle):
+                    yield chunk, name, lineno, raw
+                name = location.path
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
+        detail = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        raise ReleaseError("unreadable_file", name, f"not a readable tar archive (truncated or corrupt?): {detail}") from None
     missing = sorted(wanted - seen)
     if missing and require_all:
         raise ReleaseError("missing_chunks", location.path, _missing_message(missing))
+
+
+def _read_chunk_file(chunk: int, path: str, report: ReadReport | None) -> Iterator[tuple[int, str, int, bytes]]:
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0 and report is not None:
+                report.empty_chunk_files.append(path)
+            for lineno, raw in _split_lines(f):
+                yield chunk, path, lineno, raw
+    except OSError as error:
+        kind = "a folder, not a chunk file" if isinstance(error, IsADirectoryError) else error.strerror or str(error)
+        raise ReleaseError("unreadable_file", path, kind) from None
 
 
 def _missing_message(missing: list[int]) -> str:
@@ -404,7 +442,8 @@ def iter_conversations(
     A bad line raises ReleaseError naming the file and line; with
     ``skip_malformed`` it is counted in ``report`` by reason instead.
     """
-    for chunk, name, lineno, raw in iter_chunk_lines(location, chunks, tarball_sha256=tarball_sha256):
+    lines = iter_chunk_lines(location, chunks, tarball_sha256=tarball_sha256, report=report)
+    for chunk, name, lineno, raw in lines:
         convo = parse_counted(raw, f"{name}:{lineno}", report, skip_malformed)
         if convo is not None:
             yield chunk, lineno, convo

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from typing import Any
 
 import jax
@@ -20,6 +21,14 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bb3x_jax.data import schema
+
+_LOG_MAX_FLOAT = math.log(sys.float_info.max)
+
+
+def perplexity(nll: float, tokens: int) -> float:
+    """exp(NLL per token); nan without tokens, inf where a diverged model's NLL is past what a float holds."""
+    mean = nll / tokens if tokens else float("nan")
+    return float("inf") if mean >= _LOG_MAX_FLOAT else math.exp(mean)
 
 
 def make_eval_step(graphdef, pad_id: int, mesh):
@@ -59,7 +68,7 @@ def evaluate(eval_step, params, rest, iterator, max_batches: int = 0) -> dict[st
     for _, name in names:
         nll, tokens, correct = sums[name]
         result[f"nll_{name}"] = nll / tokens if tokens else float("nan")
-        result[f"ppl_{name}"] = math.exp(nll / tokens) if tokens else float("nan")
+        result[f"ppl_{name}"] = perplexity(nll, tokens)
         result[f"token_acc_{name}"] = correct / tokens if tokens else float("nan")
         result[f"tokens_{name}"] = int(tokens)
         result[f"examples_{name}"] = examples[name]

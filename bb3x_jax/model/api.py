@@ -72,12 +72,15 @@ class BB3Model:
                  seed: int = 0) -> np.ndarray:
         """Generated token ids [batch, <= max_len]: no context, no start token, padded
         with the pad id after the end token. ``context_ids`` [batch, S] are right-padded.
-        See ``bb3x_jax.decoding`` for the methods (``decoding.BB3_BEAM`` holds BB3's)."""
+        See ``bb3x_jax.decoding`` for the methods (``decoding.BB3_BEAM`` holds BB3's). An id
+        outside ``[0, config.vocab_size)`` raises ValueError."""
+        context_ids = np.asarray(context_ids)
+        decoding.check_ids(context_ids, self.config.vocab_size, "context_ids")
         settings = decoding.Settings(method=method, max_len=max_len, min_len=min_len, beam_size=beam_size,
                                      block_ngram=block_ngram, context_block_ngram=context_block_ngram,
                                      top_k=top_k, top_p=top_p, temperature=temperature,
                                      length_penalty=length_penalty)
-        return decoding.generate(self.network, np.asarray(context_ids), settings, seed=seed)
+        return decoding.generate(self.network, context_ids, settings, seed=seed)
 
     def save_orbax(self, path: str, *, step: int = 0) -> str:
         """This project's checkpoint layout (parameters + config), e.g. for ``train.init_from``;

@@ -35,6 +35,7 @@ class Conversation:
         self.config = config
         self.framing = framing or config_lib.framing(config)
         self.settings = config_lib.generation_settings(config)
+        self.vocab_size = network.cfg.vocab_size  # a tokenizer larger than the model fails, not wraps
         graphdef, self.state = nnx.split(network)
         self.search = decoding.compiled_search(graphdef, self.settings)
         self.history: list[str] = []
@@ -47,6 +48,7 @@ class Conversation:
         """Adds the human's message, generates the bot's reply, adds it too, returns it."""
         self.history.append(" ".join(message.split()))  # one turn per line: no delimiters inside a turn
         ids = framing_lib.context_ids([DELIMITER.join(self.history)], self.tokenizer, self.framing)
+        decoding.check_ids(ids, self.vocab_size, "chat: the tokenizer's context ids")
         # one shape: compiled once
         rows = decoding.pad_batch(ids, rows=1, width=self.framing.text_truncate, pad_id=self.tokenizer.pad_id)
         key = jax.random.fold_in(jax.random.key(self.config.seed), self.turns)

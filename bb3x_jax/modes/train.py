@@ -9,8 +9,17 @@ exactly as if it had not stopped. It validates every ``train.eval_every``
 steps, keeps the best checkpoint by ``checkpoint.best_metric``, logs metrics
 as JSON lines and TensorBoard events, and plots the loss curves at the end.
 
+A run never destroys another: before anything is written, the config recorded
+in the newest checkpoint's ``meta`` is compared with this run's (model,
+tokenizer, data, objective, optimizer: ``config.check_resumable``) and a
+difference is refused naming the key and both values; so is a workdir whose
+step folders cannot be read or restored, instead of training from step 0 next
+to them. A checkpoint that fails to restore is moved aside (``<step>.damaged``).
+
 SIGTERM (preemption) and Ctrl-C finish the current step, save a checkpoint and
-stop; the run resumes from it when started again.
+stop; the run resumes from it when started again. A non-finite loss or gradient
+norm stops the run with ``TrainingDiverged`` before anything of it is saved (see
+``run``).
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from tqdm import tqdm
 
 from bb3x_jax import config as config_lib
 from bb3x_jax.data.tokenizers import files as tokenizer_files
-from bb3x_jax.errors import Stopped
+from bb3x_jax.errors import ConfigError, Stopped, TrainingDiverged, WorkdirError
 from bb3x_jax.eval import likelihood as eval_lib
 from bb3x_jax.train import checkpoint as checkpoint_lib
 from bb3x_jax.train import metrics_log
@@ -105,21 +114,102 @@ def _maybe_inject_fault(step: int, checkpoints: checkpoint_lib.Checkpointer) -> 
         time.sleep(float(delay))
 
 
-def _mean_metrics(window: list[dict]) -> dict[str, float]:
-    values = jax.device_get(window)
+def _mean_metrics(values: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
 
 
+# Train-step metrics that must stay finite; the others (per-class means) can be NaN on a batch without that class.
+GUARDED_METRICS = ("loss", "grad_norm")
+
+
+def _check_finite(window: list[tuple[int, Any, dict]], last_saved: int | None) -> list[dict]:
+    """Fetches the window's metrics (replacing them in place by host values) and raises
+    ``TrainingDiverged`` at the first step whose loss or gradient norm is not finite."""
+    values = jax.device_get([metrics for _, metrics, _ in window])
+    for i, ((step, _, position), v) in enumerate(zip(window, values)):
+        bad = {k: float(v[k]) for k in GUARDED_METRICS if k in v and not np.isfinite(v[k])}
+        if bad:
+            raise TrainingDiverged(step, position, bad, last_saved)
+        window[i] = (step, v, position)
+    return values
+
+
+def _check_valid(valid: dict, step: int, position: dict, last_saved: int | None) -> None:
+    """A validation NLL that is not finite (for a class that has tokens) is a diverged model."""
+    bad = {k: float(v) for k, v in valid.items() if k.startswith("nll_") and not np.isfinite(v)
+           and valid.get("tokens_" + k[len("nll_"):], 1)}
+    if bad:
+        raise TrainingDiverged(step, position, bad, last_saved)
+
+
+def _check_workdir(config: config_dict.ConfigDict, directory: str) -> dict | None:
+    """Reads the newest checkpoint's recorded meta (no arrays) and refuses a run that would not continue it:
+    a config that changes what was trained, a step count below the checkpoint's, or step folders of which
+    none can be read. Returns that meta (None: no checkpoint, a fresh start)."""
+    steps = checkpoint_lib.step_folders(directory)
+    newest = checkpoint_lib.newest_meta(directory)
+    if newest is None:
+        if steps:
+            raise WorkdirError(os.path.dirname(directory), f"{directory} holds step folders {steps} of which no "
+                               "meta can be read; nothing was changed. Train in a new --workdir, or move "
+                               f"{directory} aside to start this one over")
+        return None
+    step, meta = newest
+    config_lib.check_resumable(meta.get("config", {}), config, f"{directory}/{step}")
+    if step > config.train.steps:
+        raise ConfigError("train.steps", f"is {config.train.steps}, but the workdir's newest checkpoint "
+                                         f"{directory}/{step} is past it; set at least {step}")
+    return meta
+
+
+# ModelConfig fields set by the tokenizer (the rest by the preset or the converted weights).
+_TOKENIZER_FIELDS = ("vocab_size", "pad_id", "start_id", "end_id", "decoder_start")
+
+
+def _check_model(meta: dict, model_cfg, directory: str) -> None:
+    """The network this run built has the checkpoint's shapes and ids (the tokenizer files, say, can
+    change under an unchanged config)."""
+    saved = meta.get("model_config") or {}
+    now = json.loads(json.dumps(dataclasses.asdict(model_cfg)))
+    changed = sorted(k for k in saved.keys() & now.keys() if saved[k] != now[k])
+    if changed:
+        key = "data.tokenizer" if set(changed) <= set(_TOKENIZER_FIELDS) else "model.preset"
+        details = ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed[:10])
+        raise ConfigError(key, f"builds a network that differs from the checkpoint in {directory} (checkpoint -> "
+                               f"now: {details}); nothing was changed. Resume with the checkpoint's data and "
+                               "tokenizer, or train in a new --workdir")
+
+
 def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains (or resumes) the run in ``workdir``; returns its summary.
+
+    Divergence: the train step's ``loss`` and ``grad_norm`` are fetched and checked at every
+    log step (``train.log_every``, for every step since the last check) and before every
+    checkpoint save (the steps not yet checked, including the one being saved); validation
+    NLLs are checked before the save that records them.
+    The first non-finite value raises ``TrainingDiverged`` naming that step and its batch's
+    position (epoch, step in epoch) before that step is saved, so the newest checkpoint and
+    the best one stay finite (checkpoints already being written are finished). Steps that
+    neither log nor save add no host sync.
+    """
     os.makedirs(workdir, exist_ok=True)
+    directory = os.path.join(workdir, "checkpoints")
+    saved_meta = _check_workdir(config, directory)  # before anything is written
     setup = setup_lib.Setup(config, workdir)
+    if saved_meta is not None:
+        _check_model(saved_meta, setup.model_cfg, directory)
     train = config.train
     checkpoints = setup_lib.checkpointer(config, workdir)
     state, start_step = setup.state, 0
     iterator = setup.iterator("train", train=True)
-    restored = checkpoints.restore_latest(setup.state)
+    try:
+        restored = checkpoints.restore_latest(setup.state)
+    except BaseException:
+        iterator.close()
+        checkpoints.close()
+        raise
     if restored is not None:
-        config_lib.check_resumable(restored.meta.get("config", {}), config)
+        config_lib.check_resumable(restored.meta.get("config", {}), config, f"{directory}/{restored.step}")
         state, start_step = restored.state, restored.step
         iterator.set_state(restored.meta["iterator"])
         print(f"Resumed from {checkpoints.directory}/{start_step}")
@@ -131,7 +221,8 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
     log = metrics_log.MetricsLog(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
     ckpt_every = config.checkpoint.every_steps
     eval_every = train.eval_every
-    window, window_tokens, tokens_seen = [], [], 0
+    window, window_tokens, tokens_seen = [], [], 0  # window: (step, metrics, batch position) since the last log
+    last_saved = start_step or None
     started = time.perf_counter()
     valid: dict[str, Any] | None = None
     try:
@@ -140,26 +231,32 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
             for step in range(start_step + 1, train.steps + 1):
                 batch = next(iterator)  # global arrays, already on the mesh
                 state, metrics = setup.train_step(state, batch)
-                window.append(metrics)
+                position = {k: v for k, v in iterator.get_state().items() if k in ("epoch", "step_in_epoch")}
+                window.append((step, metrics, position))
                 window_tokens.append((batch["context_ids"] != setup.pad_id).sum()
                                      + (batch["label_ids"] != setup.pad_id).sum())
                 if step % train.log_every == 0 or step == train.steps:
                     elapsed = time.perf_counter() - started
                     tokens_seen += int(np.sum(jax.device_get(window_tokens)))
-                    values = {**_mean_metrics(window), "tokens_per_s": tokens_seen / elapsed}
+                    values = {**_mean_metrics(_check_finite(window, last_saved)),
+                              "tokens_per_s": tokens_seen / elapsed}
                     window, window_tokens = [], []
                     log.write("train", step, values)
                     bar.set_postfix(loss=f"{values['loss']:.3f}", ce=f"{values['ce_loss']:.3f}",
                                     ct=f"{values['ct_loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
                 valid = None
                 if (eval_every and step % eval_every == 0) or step == train.steps:
+                    _check_finite(window, last_saved)  # a diverged model is not validated
                     valid = setup.validate(state.params, state.rest)
+                    _check_valid(valid, step, position, last_saved)
                     log.write("valid", step, valid)
                     bar.write(f"step {step}: valid ppl_positive {valid['ppl_positive']:.3f} "
                               f"gap {valid['nll_gap_negative_minus_positive']:.4f}")
                 stopping = stop.requested(step)
                 if step % ckpt_every == 0 or step == train.steps or valid is not None or stopping:
+                    _check_finite(window, last_saved)  # nothing non-finite is saved
                     checkpoints.save(step, state, _run_meta(setup, iterator.get_state()), metrics=valid)
+                    last_saved = step
                 bar.update(1)
                 _maybe_inject_fault(step, checkpoints)
                 if stopping:

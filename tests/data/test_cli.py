@@ -1,4 +1,5 @@
-"""The data command line: stats prints one JSON object, display is readable, synthesize packs a tarball."""
+"""The data command line: stats prints one JSON object, display is readable, synthesize packs a tarball;
+bad releases (tests/bad_inputs.py) end in one line and status 2, with or without workers."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import sys
 
 import pytest
 
+from bb3x_jax.data import __main__ as data_main
 from bb3x_jax.data import schema
-from tests import REPO
+from tests import REPO, bad_inputs
 from tests.data import release_fixtures as fx
 
 
@@ -107,3 +109,40 @@ def test_prepare_command_prints_split_sizes(tmp_path):
                              "--data_dir", str(tmp_path / "tfds"), "--workers", "0").stdout)
     assert out["splits"] == fx.EXPECTED["crowdworkers_human"]
     assert out["reports"]["valid"]["examples"] == 0
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return bad_inputs.Models(str(tmp_path_factory.mktemp("models")))
+
+
+@pytest.mark.parametrize("case", bad_inputs.cases("data"), ids=lambda case: case.name)
+def test_bad_release_is_one_line_and_status_2(case, tmp_path, models):
+    """Each bad release in the corpus ends the command with one stderr line naming the file, status 2."""
+    bad_inputs.check(case, str(tmp_path), models)
+
+
+def test_worker_error_deep_in_a_file_never_hangs(tmp_path, capsys):
+    """With worker processes, an error deep in a chunk ends the command every time with the error the
+    inline path gives (file and line), status 2; a hang fails the deadline."""
+    case = {case.name: case for case in bad_inputs.cases("data")}["deep_malformed_line_with_workers"]
+    built = case.build(str(tmp_path), None)
+    with bad_inputs.deadline(600):
+        for _ in range(10):
+            with pytest.raises(SystemExit) as exited:
+                data_main.main(built.args)
+            assert exited.value.code == 2
+            assert built.expect in capsys.readouterr().err
+        inline = [*built.args[:-1], "0"]
+        with pytest.raises(SystemExit):
+            data_main.main(inline)
+        assert built.expect in capsys.readouterr().err
+
+
+def test_empty_chunk_file_is_counted(tmp_path):
+    """A 0-byte chunk file is named in the report (empty_chunk_files), not lost silently."""
+    folder = fx.write_release(str(tmp_path / "rel"))
+    stats = json.loads(run_cli("stats", "--manual_dir", folder, "--split", "test", "--workers", "0").stdout)
+    sizes = {c: os.path.getsize(os.path.join(folder, f"release_data_{c:02d}.jsonl")) for c in range(3)}
+    assert stats["empty_chunk_files"] == sum(size == 0 for size in sizes.values()) > 0
+    assert all(name.endswith(".jsonl") for name in stats["empty_chunk_examples"])

@@ -136,3 +136,15 @@ def test_load_refuses_what_it_cannot_read(tmp_path):
     torch.save({"weights": 1}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="not a ParlAI checkpoint"):
         bb3x_jax.load(str(tmp_path / "x.pt"))
+
+
+@pytest.mark.parametrize("bad", [1000000000, 67, -3])
+def test_generate_refuses_ids_outside_the_vocabulary(tmp_path, bad):
+    """BB3Model.generate raises (never decodes) for an id outside [0, vocab_size)."""
+    hf, cfg = hf_fixtures.tiny_blenderbot()
+    hf.save_pretrained(tmp_path / "model")
+    model = bb3x_jax.load(str(tmp_path / "model"))
+    assert model.config.vocab_size == 67
+    with pytest.raises(ValueError, match=rf"id {bad} is outside the vocabulary \[0, 67\)"):
+        model.generate(np.array([[5, bad, 7]]), max_len=3)
+    assert model.generate(np.array([[5, 66, 7]]), max_len=3).shape[0] == 1

@@ -50,15 +50,16 @@ def run_main(workdir, *overrides, mode="train", check=True, **env):
                           capture_output=True, text=True, timeout=900, check=check)
 
 
-def final_params(workdir):
-    """The step-12 parameters as numpy arrays, read through the public checkpoint reader."""
+def final_params(workdir, step=STEPS):
+    """The parameters of checkpoint ``step`` (the last, 12) as numpy arrays, read through the public
+    checkpoint reader."""
     import jax
 
     from bb3x_jax.train import checkpoint as checkpoint_lib
 
     directory = os.path.join(workdir, "checkpoints")
-    meta = json.load(open(os.path.join(directory, str(STEPS), "meta", "metadata")))
-    assert meta["step"] == STEPS
+    meta = json.load(open(os.path.join(directory, str(step), "meta", "metadata")))
+    assert meta["step"] == step
     from flax import nnx
 
     from bb3x_jax.model import build
@@ -67,7 +68,7 @@ def final_params(workdir):
     cfg = model_config.ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
                                       for k, v in meta["model_config"].items()})
     abstract = nnx.state(nnx.eval_shape(lambda: build.construct(cfg, 0)), nnx.Param)
-    params, _ = checkpoint_lib.read_params(directory, abstract, STEPS)
+    params, _ = checkpoint_lib.read_params(directory, abstract, step)
     return [np.asarray(x) for x in jax.tree.leaves(params)]
 
 
@@ -163,6 +164,84 @@ def test_resume_with_a_changed_objective_fails_naming_the_key(straight, tmp_path
     shutil.copytree(straight[0], workdir)
     out = run_main(workdir, "--config.train.alpha=2.0", check=False)
     assert out.returncode != 0 and "config.train.alpha" in out.stderr
+
+
+def _tree(workdir):
+    """Every path under the workdir with its size and modification time."""
+    return sorted((os.path.relpath(os.path.join(d, name), workdir), os.path.getsize(os.path.join(d, name)),
+                   os.path.getmtime(os.path.join(d, name)))
+                  for d, _, names in os.walk(workdir) for name in names)
+
+
+def _step_folders(workdir):
+    return sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+@pytest.mark.parametrize("overrides, key, before, after", [
+    (("--config.model.preset=small", "--config.train.steps=14", "--config.checkpoint.every_steps=7"),
+     "model.preset", "'tiny'", "'small'"),
+    (("--config.data.synthetic.conversations=400",), "data.synthetic.conversations", "300", "400"),
+])
+def test_resume_with_another_model_or_vocabulary_is_refused_before_writing(straight, tmp_path, overrides, key,
+                                                                            before, after):
+    """A finished run resumed with another preset, or a data setting that changes the vocabulary,
+    is refused (exit 2) naming the key and both values, and nothing in the workdir changes: every
+    step folder of the run is still there."""
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(straight[0], workdir)
+    files = _tree(workdir)
+    out = run_main(workdir, *overrides, check=False)
+    assert out.returncode == 2, out.stderr[-2000:]
+    line = [line for line in out.stderr.splitlines() if line.startswith("error: ")][-1]
+    assert f"config.{key}:" in line and f"{before} -> {after}" in line, line
+    assert _step_folders(workdir) == ["12", "4", "6", "8"]
+    assert _tree(workdir) == files
+
+
+def test_damaged_newest_checkpoint_is_moved_aside_and_training_passes_its_step(straight, tmp_path):
+    """With the newest checkpoint's parameters damaged, the rerun restores the one before, renames
+    the damaged one to <step>.damaged, trains past that step again and ends bit-identical to the
+    straight run."""
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(straight[0], workdir)
+    params = os.path.join(workdir, "checkpoints", str(STEPS), "params")
+    damaged = [os.path.join(d, name) for d, _, names in os.walk(params) for name in names if "/d" in d]
+    assert damaged
+    for path in damaged:
+        with open(path, "wb") as f:
+            f.write(b"garbage")
+    out = run_main(workdir, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"Resumed from {os.path.join(workdir, 'checkpoints')}/8" in out.stdout
+    assert "moved aside to" in out.stderr and "StepAlreadyExists" not in out.stderr
+    assert _step_folders(workdir) == ["12", f"{STEPS}.damaged", "4", "6", "8"]
+    for a, b in zip(final_params(straight[0]), final_params(workdir)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_loss_stops_before_saving(prepared, tmp_path):
+    """With a huge learning rate the loss turns NaN: the run exits 1 naming the step and its batch's
+    position, caught by the check before the save (no log step before the end); every checkpoint
+    is older than that step, the newest has finite parameters and the best (if any) is finite."""
+    from bb3x_jax.train import checkpoint as checkpoint_lib
+
+    workdir = fresh_workdir(prepared, tmp_path, "nan")
+    out = run_main(workdir, "--config.train.learning_rate=1e6", "--config.checkpoint.every_steps=1",
+                   f"--config.train.log_every={STEPS}", check=False)
+    assert out.returncode == 1, out.stderr[-3000:]
+    line = [line for line in out.stderr.splitlines() if line.startswith("error: training diverged at step")][-1]
+    step = int(line.split("at step ")[1].split()[0])
+    assert "(batch: epoch 0, step" in line and "nan" in line, line
+    checkpoints = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), best_metric="ppl_positive")
+    try:
+        steps, best = checkpoints.steps(), checkpoints.best_step()
+    finally:
+        checkpoints.close()
+    assert steps and max(steps) < step, (steps, line)
+    assert f"the newest checkpoint is step {max(steps)}" in line
+    for checked in {max(steps), best} - {None}:
+        assert all(np.isfinite(x).all() for x in final_params(workdir, checked)), checked
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
 
 
 def test_eval_mode_reports_the_checkpoint_metrics(straight):

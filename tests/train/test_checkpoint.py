@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from absl import logging
 
+from bb3x_jax.errors import WorkdirError
 from bb3x_jax.model import build, config
 from bb3x_jax.train import checkpoint as checkpoint_lib
 from bb3x_jax.train import step as step_lib
@@ -65,32 +66,80 @@ def test_keeps_newest_and_best(trained, tmp_path):
     ckpt.close()
 
 
-def test_damaged_latest_falls_back_to_previous_with_warning(trained, tmp_path, monkeypatch):
-    """A checkpoint whose array files were damaged after writing is skipped with a warning naming it."""
+def _damage_params(directory, step):
+    for path in glob.glob(os.path.join(str(directory), str(step), "params", "**", "*"), recursive=True):
+        if os.path.isfile(path) and "/d/" in path:
+            with open(path, "wb") as f:
+                f.write(b"garbage")
+
+
+def test_damaged_latest_falls_back_to_previous_and_is_moved_aside(trained, tmp_path, monkeypatch):
+    """A checkpoint whose array files were damaged after writing is skipped with a warning naming it,
+    moved aside to <step>.damaged (<step>.damaged.1 when that is taken), and its step can be saved again."""
     template, _, state = trained
     ckpt = checkpoint_lib.Checkpointer(str(tmp_path), keep=3, async_save=False)
     ckpt.save(1, state, {"n": 1})
     ckpt.save(2, state, {"n": 2})
-    for path in glob.glob(os.path.join(str(tmp_path), "2", "params", "**", "*"), recursive=True):
-        if os.path.isfile(path) and "/d/" in path:
-            with open(path, "wb") as f:
-                f.write(b"garbage")
+    _damage_params(tmp_path, 2)
+    os.makedirs(os.path.join(str(tmp_path), "2.damaged"))  # an earlier one moved aside
     warnings = []
     monkeypatch.setattr(logging, "warning", lambda msg, *args: warnings.append(msg % args))
     restored = ckpt.restore_latest(template)
     assert restored.step == 1 and restored.meta["n"] == 1
     assert any(f"{tmp_path}/2 cannot be restored" in w for w in warnings)
+    assert any(f"moved aside to {tmp_path}/2.damaged.1" in w for w in warnings)
+    assert sorted(os.listdir(str(tmp_path))) == ["1", "2.damaged", "2.damaged.1"]
+    assert ckpt.steps() == [1]
+    ckpt.save(2, restored.state, {"n": 3})  # the step is free again
+    assert ckpt.steps() == [1, 2] and ckpt.read_meta(2)["n"] == 3
     ckpt.close()
 
 
-def test_half_written_checkpoint_is_ignored(trained, tmp_path):
-    """A save interrupted before its atomic rename (orbax's temporary folder) is not a checkpoint."""
+def test_nothing_restorable_raises_and_changes_nothing(trained, tmp_path):
+    """When every checkpoint fails to restore, restore_latest names them in a WorkdirError and
+    renames or deletes none (a fresh start there would let the keep policy delete them)."""
     template, _, state = trained
     ckpt = checkpoint_lib.Checkpointer(str(tmp_path), keep=3, async_save=False)
     ckpt.save(1, state, {})
-    os.makedirs(os.path.join(str(tmp_path), "2.orbax-checkpoint-tmp-1234", "params"))
+    ckpt.save(2, state, {})
+    _damage_params(tmp_path, 1)
+    _damage_params(tmp_path, 2)
+    with pytest.raises(WorkdirError, match=f"{tmp_path}/2: .*{tmp_path}/1: .*move {tmp_path} aside"):
+        ckpt.restore_latest(template)
+    assert sorted(os.listdir(str(tmp_path))) == ["1", "2"]
+    ckpt.close()
+
+
+def test_newest_meta_skips_an_unreadable_one(trained, tmp_path, monkeypatch):
+    """newest_meta reads the JSON meta only; a step whose meta is unreadable is named and skipped."""
+    _, _, state = trained
+    ckpt = checkpoint_lib.Checkpointer(str(tmp_path), keep=3, async_save=False)
+    ckpt.save(1, state, {"n": 1})
+    ckpt.save(2, state, {"n": 2})
+    ckpt.close()
+    with open(os.path.join(str(tmp_path), "2", "meta", "metadata"), "w") as f:
+        f.write("{not json")
+    warnings = []
+    monkeypatch.setattr(logging, "warning", lambda msg, *args: warnings.append(msg % args))
+    step, meta = checkpoint_lib.newest_meta(str(tmp_path))
+    assert step == 1 and meta["n"] == 1
+    assert any(f"{tmp_path}/2: its meta cannot be read" in w for w in warnings)
+    assert checkpoint_lib.newest_meta(str(tmp_path / "missing")) is None
+
+
+def test_half_written_checkpoint_is_ignored_and_removed(trained, tmp_path, monkeypatch):
+    """A save interrupted before its atomic rename (orbax's temporary folder) is not a checkpoint;
+    restoring for a run that continues removes it with a log line."""
+    template, _, state = trained
+    ckpt = checkpoint_lib.Checkpointer(str(tmp_path), keep=3, async_save=False)
+    ckpt.save(1, state, {})
+    tmp = os.path.join(str(tmp_path), "2.orbax-checkpoint-tmp-1234")
+    os.makedirs(os.path.join(tmp, "params"))
     assert ckpt.steps() == [1]
+    warnings = []
+    monkeypatch.setattr(logging, "warning", lambda msg, *args: warnings.append(msg % args))
     assert ckpt.restore_latest(template).step == 1
+    assert not os.path.exists(tmp) and any(f"removing {tmp}" in w for w in warnings)
     ckpt.close()
 
 
