@@ -39,3 +39,11 @@ def pytest_runtest_setup(item):
         if error:
             pytest.skip(f"needs ParlAI's projects/ code, which its wheel lacks ({error}); put a ParlAI 1.7.2 "
                         "source checkout on PYTHONPATH to run it")
+
+
+@pytest.fixture(scope="session")
+def bad_input_models(tmp_path_factory):
+    """The tiny checkpoints of the bad-input corpus (``tests/bad_inputs.py``), built once and shared."""
+    from tests import bad_inputs
+
+    return bad_inputs.Models(str(tmp_path_factory.mktemp("bad_input_models")))

@@ -137,7 +137,7 @@ def _check_finite(window: list[tuple[int, Any, dict]], last_saved: int | None) -
 def _check_valid(valid: dict, step: int, position: dict, last_saved: int | None) -> None:
     """A validation NLL that is not finite (for a class that has tokens) is a diverged model."""
     bad = {k: float(v) for k, v in valid.items() if k.startswith("nll_") and not np.isfinite(v)
-           and valid.get("tokens_" + k[len("nll_"):], 1)}
+           and valid.get("tokens_" + k[len("nll_"):], 0)}  # a class's NLL (not the gap) over its tokens
     if bad:
         raise TrainingDiverged(step, position, bad, last_saved)
 

@@ -73,12 +73,7 @@ def test_cli_speaks_text_with_the_models_own_tokenizer(tmp_path):
         assert result["response"] == model.tokenizer.decode([t for t in row if t != 2]).strip()
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return bad_inputs.Models(str(tmp_path_factory.mktemp("models")))
-
-
 @pytest.mark.parametrize("case", bad_inputs.cases("generate"), ids=lambda case: case.name)
-def test_bad_generation_input_is_one_line_and_status_2(case, tmp_path, models):
+def test_bad_generation_input_is_one_line_and_status_2(case, tmp_path, bad_input_models):
     """Ids outside [0, vocab) and a missing model end in one line naming the input line (or path), status 2."""
-    bad_inputs.check(case, str(tmp_path), models)
+    bad_inputs.check(case, str(tmp_path), bad_input_models)

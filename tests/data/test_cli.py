@@ -111,15 +111,10 @@ def test_prepare_command_prints_split_sizes(tmp_path):
     assert out["reports"]["valid"]["examples"] == 0
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return bad_inputs.Models(str(tmp_path_factory.mktemp("models")))
-
-
 @pytest.mark.parametrize("case", bad_inputs.cases("data"), ids=lambda case: case.name)
-def test_bad_release_is_one_line_and_status_2(case, tmp_path, models):
+def test_bad_release_is_one_line_and_status_2(case, tmp_path, bad_input_models):
     """Each bad release in the corpus ends the command with one stderr line naming the file, status 2."""
-    bad_inputs.check(case, str(tmp_path), models)
+    bad_inputs.check(case, str(tmp_path), bad_input_models)
 
 
 def test_worker_error_deep_in_a_file_never_hangs(tmp_path, capsys):

@@ -7,17 +7,16 @@ The format checks are written from ``schema.py`` and the data card, not from
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import os
 import random
 import re
-import signal
 
 import pytest
 
 from bb3x_jax.data import schema, synthetic
 from bb3x_jax.data.synthetic import BAD_REASONS, QUALITIES, is_good, judge, synthesize
+from tests import bad_inputs
 
 N_CONVERSATIONS = 2500
 SEED = 11
@@ -494,26 +493,11 @@ def test_judge_survives_junk_and_is_deterministic():
     for _ in range(300):
         cases.append("".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 200))))
     long_text = "pasta baking " * 100_000
-    with _fails_instead_of_hanging(after_s=300):  # linear work takes well under a second; backtracking never ends
+    with bad_inputs.deadline(300):  # linear work takes well under a second; backtracking never ends
         _judge_all(cases, long_text)
     with pytest.raises(TypeError):
         judge(None, "x")  # type: ignore[arg-type]
 
-
-@contextlib.contextmanager
-def _fails_instead_of_hanging(after_s):
-    """Turn a hang (a regex backtracking on a megabyte of text) into a failure; no speed target."""
-
-    def fail(signum, frame):
-        raise AssertionError(f"the judge did not return within {after_s} s: super-linear work on long input")
-
-    previous = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(after_s)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _judge_all(cases, long_text):

@@ -293,3 +293,16 @@ def test_chat_mode_keeps_the_history_and_resets(straight):
     bot = [line[len("BOT: "):] for line in out.stdout.splitlines() if line.startswith("BOT: ")]
     assert len(bot) == 3 and "(new conversation)" in out.stdout
     assert bot[0] == bot[2]
+
+
+def test_validation_divergence_counts_only_a_class_nll_with_tokens():
+    """A split without negative labels has a NaN gap and NaN negative NLL: not a divergence. A
+    non-finite NLL of a class that has tokens is."""
+    from bb3x_jax.errors import TrainingDiverged
+    from bb3x_jax.modes import train as loop
+
+    fine = {"nll_positive": 2.0, "tokens_positive": 10, "nll_negative": float("nan"), "tokens_negative": 0,
+            "nll_gap_negative_minus_positive": float("nan")}
+    loop._check_valid(fine, 4, {"epoch": 0, "step_in_epoch": 4}, None)
+    with pytest.raises(TrainingDiverged, match="step 4"):
+        loop._check_valid({**fine, "nll_positive": float("inf")}, 4, {"epoch": 0, "step_in_epoch": 4}, None)
