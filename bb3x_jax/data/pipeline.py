@@ -388,11 +388,15 @@ class BatchIterator:
             grain_state = self._grain_iter.get_state()
         else:
             grain_state = {"next_index": self._next}
-        k, steps = grain_state["next_index"], self.steps_per_epoch
-        # A finished epoch reads (e, steps), not (e + 1, 0): the position after its last batch.
-        epoch, step = (0, 0) if k == 0 else ((k - 1) // steps, (k - 1) % steps + 1)
-        return {"format": STATE_FORMAT, "epoch": epoch, "step_in_epoch": step, **self._fingerprint(),
+        return {"format": STATE_FORMAT, **self.position(grain_state["next_index"]), **self._fingerprint(),
                 "grain": grain_state}
+
+    def position(self, batches: int) -> dict:
+        """``{"epoch", "step_in_epoch"}`` after ``batches`` batches; a finished epoch reads
+        (e, steps), not (e + 1, 0): the position after its last batch."""
+        steps = self.steps_per_epoch
+        epoch, step = (0, 0) if batches == 0 else ((batches - 1) // steps, (batches - 1) % steps + 1)
+        return {"epoch": epoch, "step_in_epoch": step}
 
     def set_state(self, state: dict) -> None:
         if state.get("format") != STATE_FORMAT:

@@ -122,15 +122,16 @@ def _mean_metrics(values: list[dict]) -> dict[str, float]:
 GUARDED_METRICS = ("loss", "grad_norm")
 
 
-def _check_finite(window: list[tuple[int, Any, dict]], last_saved: int | None) -> list[dict]:
+def _check_finite(window: list[tuple[int, Any]], last_saved: int | None, position) -> list[dict]:
     """Fetches the window's metrics (replacing them in place by host values) and raises
-    ``TrainingDiverged`` at the first step whose loss or gradient norm is not finite."""
-    values = jax.device_get([metrics for _, metrics, _ in window])
-    for i, ((step, _, position), v) in enumerate(zip(window, values)):
+    ``TrainingDiverged`` at the first step whose loss or gradient norm is not finite;
+    ``position(step)`` names that step's batch (derived only then, never per step)."""
+    values = jax.device_get([metrics for _, metrics in window])
+    for i, ((step, _), v) in enumerate(zip(window, values)):
         bad = {k: float(v[k]) for k in GUARDED_METRICS if k in v and not np.isfinite(v[k])}
         if bad:
-            raise TrainingDiverged(step, position, bad, last_saved)
-        window[i] = (step, v, position)
+            raise TrainingDiverged(step, position(step), bad, last_saved)
+        window[i] = (step, v)
     return values
 
 
@@ -221,7 +222,7 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
     log = metrics_log.MetricsLog(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
     ckpt_every = config.checkpoint.every_steps
     eval_every = train.eval_every
-    window, window_tokens, tokens_seen = [], [], 0  # window: (step, metrics, batch position) since the last log
+    window, window_tokens, tokens_seen = [], [], 0  # window: (step, metrics) since the last log
     last_saved = start_step or None
     started = time.perf_counter()
     valid: dict[str, Any] | None = None
@@ -231,14 +232,13 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
             for step in range(start_step + 1, train.steps + 1):
                 batch = next(iterator)  # global arrays, already on the mesh
                 state, metrics = setup.train_step(state, batch)
-                position = {k: v for k, v in iterator.get_state().items() if k in ("epoch", "step_in_epoch")}
-                window.append((step, metrics, position))
+                window.append((step, metrics))  # the run's step s is the iterator's batch s
                 window_tokens.append((batch["context_ids"] != setup.pad_id).sum()
                                      + (batch["label_ids"] != setup.pad_id).sum())
                 if step % train.log_every == 0 or step == train.steps:
                     elapsed = time.perf_counter() - started
                     tokens_seen += int(np.sum(jax.device_get(window_tokens)))
-                    values = {**_mean_metrics(_check_finite(window, last_saved)),
+                    values = {**_mean_metrics(_check_finite(window, last_saved, iterator.position)),
                               "tokens_per_s": tokens_seen / elapsed}
                     window, window_tokens = [], []
                     log.write("train", step, values)
@@ -246,15 +246,15 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
                                     ct=f"{values['ct_loss']:.3f}", tok_s=f"{values['tokens_per_s']:.0f}")
                 valid = None
                 if (eval_every and step % eval_every == 0) or step == train.steps:
-                    _check_finite(window, last_saved)  # a diverged model is not validated
+                    _check_finite(window, last_saved, iterator.position)  # a diverged model is not validated
                     valid = setup.validate(state.params, state.rest)
-                    _check_valid(valid, step, position, last_saved)
+                    _check_valid(valid, step, iterator.position(step), last_saved)
                     log.write("valid", step, valid)
                     bar.write(f"step {step}: valid ppl_positive {valid['ppl_positive']:.3f} "
                               f"gap {valid['nll_gap_negative_minus_positive']:.4f}")
                 stopping = stop.requested(step)
                 if step % ckpt_every == 0 or step == train.steps or valid is not None or stopping:
-                    _check_finite(window, last_saved)  # nothing non-finite is saved
+                    _check_finite(window, last_saved, iterator.position)  # nothing non-finite is saved
                     checkpoints.save(step, state, _run_meta(setup, iterator.get_state()), metrics=valid)
                     last_saved = step
                 bar.update(1)
