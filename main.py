@@ -13,6 +13,8 @@ Modes:
   bench  time the real train step on synthetic batches; prints one JSON line.
   plan   compile the train step ahead of time from abstract shapes (no weights
          allocated) and print per-device memory and FLOPs per step.
+  serve  a web chat with the workdir's model that records conversations and thumbs up/down
+         in the release's format in <workdir>/deployment; config.serve.
   data   prepare the release (synthetic when config.data.manual_dir is empty),
          train the tokenizer, and run real batches through a sharded jitted step.
 
@@ -36,7 +38,7 @@ from bb3x_jax.data.tokenizers.files import TokenizerFileError
 from bb3x_jax.eval.judges import JudgeLoadError
 from bb3x_jax.model.formats.pickles import UntrustedPickleError
 from bb3x_jax.model.formats.tables import CheckpointMismatch
-from bb3x_jax.modes import bench, chat, data, iterate, plan, train, train_judge
+from bb3x_jax.modes import bench, chat, data, iterate, plan, serve, train, train_judge
 from bb3x_jax.modes import eval as eval_mode
 
 MODES = {
@@ -48,6 +50,7 @@ MODES = {
     "bench": bench.run,
     "plan": plan.run,
     "data": data.run,
+    "serve": serve.run,
 }
 # What the user fixes: reported as one line, exit status 2 (anything else is a bug and traces back).
 USER_ERRORS = (errors.UserError, ReleaseError, TokenizerFileError, JudgeLoadError, UntrustedPickleError,

@@ -8,6 +8,8 @@ bad run fails in its first second instead of after data preparation.
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import jax
 from absl import logging
@@ -142,6 +144,17 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
     _require(it.generated_repeat >= 1, "iterate.generated_repeat", "must be positive")
     _require(it.judge in ("auto", "synthetic", "classifier"), "iterate.judge",
              f"{it.judge!r} is not auto, synthetic or classifier")
+    _require(not it.deployment or os.path.isdir(os.path.expanduser(it.deployment)), "iterate.deployment",
+             f"{it.deployment} is not a folder (a deployment folder of release_data_XX.jsonl chunk files)")
+    serve = config.serve
+    _require(1 <= serve.port <= 65535, "serve.port", "must be a TCP port (1-65535)")
+    _require(serve.max_chars >= 1, "serve.max_chars", "must be positive")
+    _require(serve.max_batch >= 1, "serve.max_batch", "must be positive")
+    _require(serve.batch_wait_ms >= 0, "serve.batch_wait_ms", "must be >= 0")
+    _require(serve.compact_every_s > 0, "serve.compact_every_s", "must be positive")
+    reasons = [r.strip() for r in serve.reasons.split(",") if r.strip()]
+    _require(bool(reasons) and all(re.fullmatch(r"[a-z0-9_]+", r) for r in reasons), "serve.reasons",
+             f"must be comma-separated names of lowercase letters, digits and '_', got {serve.reasons!r}")
     generation_settings(config)
     judge = config.judge
     for key in ("d_model", "n_heads", "ffn_dim", "n_layers", "steps", "batch_size"):

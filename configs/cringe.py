@@ -174,6 +174,38 @@ def get_config() -> config_dict.ConfigDict:
             # auto: the synthetic world's judge on the synthetic release, else the
             # feedback classifier of --mode=train_judge (judge.path)
             "judge": "auto",  # auto | synthetic | classifier
+            # A deployment folder (release_data_00..99.jsonl in the release's format) of people's
+            # rated chats with the newest iteration's model: the run then makes ONE iteration, the
+            # next, whose split is the rated bot messages of its train chunks instead of judged
+            # generations ('' -> generate and judge).
+            "deployment": "",
+        }
+    )
+
+    # --mode=serve: a web chat with the workdir's model (its eval.checkpoint, best by
+    # default; train.init_from when the workdir has none) that records every
+    # conversation and rating in the release's format in <workdir>/deployment
+    # (or `folder`), ready for --config.data.manual_dir or iterate.deployment.
+    config.serve = config_dict.ConfigDict(
+        {
+            "host": "127.0.0.1",  # loopback only unless set otherwise
+            "port": 8080,
+            "folder": "",  # '' -> <workdir>/deployment
+            "max_chars": 1000,  # longest message accepted (longer: HTTP 413)
+            "max_batch": 8,  # requests decoded together in one search (powers of 2 up to this)
+            "batch_wait_ms": 5.0,  # how long the first request of a batch waits for others
+            "warm_up": True,  # compile every batch size before accepting requests
+            "compact_every_s": 2.0,  # the chunk files follow the durable log within this time
+            # shown above the chat; say what is recorded and why
+            "notice": "Conversations and ratings on this page are recorded for research, without "
+                      "your name or address. Do not share personal information.",
+            # the reasons a thumbs down offers, stored as the message's dislike_type
+            "reasons": "inappropriate,nonsensical,off_topic,ignoring_last_turn,repeating,other",
+            # comma-separated words or phrases: a message containing one is flagged unsafe in its
+            # safety verdicts (the server's string matcher); '' flags nothing
+            "blocked_words": "",
+            # the canned reply to a flagged message ('' -> the model replies anyway)
+            "safety_response": "",
         }
     )
 

@@ -21,7 +21,7 @@ LAYERS = {
     "errors": 0,
     "sharding": 1, "cringe": 1, "decoding": 1, "data": 1, "model": 1,
     "config": 2,
-    "eval": 3,
+    "eval": 3, "deploy": 3,
     "train": 4,
     "modes": 5, "cli": 5,
     "experiments": 6,

@@ -1,0 +1,1 @@
+"""Deploy and collect: a web chat whose conversations and ratings are written in the release's format."""
