@@ -65,7 +65,7 @@ class Responder:
         if not 0 < len(histories) <= self.max_batch:
             raise ValueError(f"between 1 and {self.max_batch} histories per call, got {len(histories)}")
         ids = framing_lib.context_ids([context_text(h) for h in histories], self.tokenizer, self.framing)
-        decoding.check_ids(ids, self.vocab_size, "serve: the tokenizer's context ids")
+        decoding.check_ids(ids, self.vocab_size, "the tokenizer's context ids")
         rows = decoding.pad_batch(ids, rows=self.rows_for(len(histories)), width=self.framing.text_truncate,
                                   pad_id=self.tokenizer.pad_id, filler_id=self.tokenizer.end_id)
         tokens, _ = self.search(self.state, rows, jax.random.fold_in(self.key, self.batches))

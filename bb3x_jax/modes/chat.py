@@ -12,49 +12,30 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-import jax
-import numpy as np
-from flax import nnx
 from ml_collections import config_dict
 
 from bb3x_jax import config as config_lib
-from bb3x_jax import decoding
-from bb3x_jax.data import framing as framing_lib
-from bb3x_jax.data.tokenizers.base import DELIMITER
-from bb3x_jax.eval import generation as generation_eval
+from bb3x_jax.deploy.responder import Responder
 from bb3x_jax.train import runtime
 
 RESET, EXIT = "[reset]", "[exit]"
 
 
 class Conversation:
-    """One conversation's history and the model's replies to it."""
+    """One conversation's history and the model's replies to it (the server's responder, one row)."""
 
     def __init__(self, network, tokenizer, config: config_dict.ConfigDict, framing=None):
-        self.tokenizer = tokenizer
-        self.config = config
-        self.framing = framing or config_lib.framing(config)
-        self.settings = config_lib.generation_settings(config)
-        self.vocab_size = network.cfg.vocab_size  # a tokenizer larger than the model fails, not wraps
-        graphdef, self.state = nnx.split(network)
-        self.search = decoding.compiled_search(graphdef, self.settings)
+        self.responder = Responder(network, tokenizer, framing or config_lib.framing(config),
+                                   config_lib.generation_settings(config), max_batch=1, seed=config.seed)
         self.history: list[str] = []
-        self.turns = 0
 
     def reset(self) -> None:
         self.history = []
 
     def respond(self, message: str) -> str:
         """Adds the human's message, generates the bot's reply, adds it too, returns it."""
-        self.history.append(" ".join(message.split()))  # one turn per line: no delimiters inside a turn
-        ids = framing_lib.context_ids([DELIMITER.join(self.history)], self.tokenizer, self.framing)
-        decoding.check_ids(ids, self.vocab_size, "chat: the tokenizer's context ids")
-        # one shape: compiled once
-        rows = decoding.pad_batch(ids, rows=1, width=self.framing.text_truncate, pad_id=self.tokenizer.pad_id)
-        key = jax.random.fold_in(jax.random.key(self.config.seed), self.turns)
-        tokens, _ = self.search(self.state, rows, key)
-        self.turns += 1
-        reply = generation_eval.response_text(self.tokenizer, np.asarray(tokens)[0])
+        self.history.append(message)
+        reply = self.responder.reply([self.history])[0]
         self.history.append(reply)
         return reply
 
