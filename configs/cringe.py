@@ -191,6 +191,7 @@ def get_config() -> config_dict.ConfigDict:
             "host": "127.0.0.1",  # loopback only unless set otherwise
             "port": 8080,
             "folder": "",  # '' -> <workdir>/deployment
+            "checkpoints": "",  # a folder of checkpoints to serve instead ('' -> <workdir>/checkpoints)
             "max_chars": 1000,  # longest message accepted (longer: HTTP 413)
             "max_batch": 8,  # requests decoded together in one search (powers of 2 up to this)
             "batch_wait_ms": 5.0,  # how long the first request of a batch waits for others

@@ -86,9 +86,15 @@ class EmptySplitError(RuntimeError):
         self.split = split
         self.report = report
         super().__init__(
-            f"split {split!r} has no examples (conversations read: {report.get('conversations_read')}, "
+            f"split {split!r} has no examples (its chunk files: {_chunk_range(split)}; "
+            f"conversations read: {report.get('conversations_read')}, "
             f"skipped: {report.get('skipped')}, labels dropped: {report.get('dropped_labels')})"
         )
+
+
+def _chunk_range(split: str) -> str:
+    chunks = schema.SPLIT_CHUNKS.get(split)
+    return f"release_data_{chunks[0]:02d}..{chunks[-1]:02d}.jsonl" if chunks else "?"
 
 
 class Bb3xDeployment(tfds.core.GeneratorBasedBuilder):

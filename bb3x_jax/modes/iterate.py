@@ -24,6 +24,12 @@ stage is skipped when its output is complete, and the training run resumes from
 its own checkpoints, so an interrupted ``--mode=iterate`` picks up where it
 stopped. ``<workdir>/iterations/results.json`` and ``results.md`` gather one row
 per iteration.
+
+With ``iterate.deployment`` set to a deployment folder (people's rated chats
+with the newest model, in the release's format), the run makes one iteration,
+the one after those already trained, whose split is that feedback instead of
+generations judged (``deployment_feedback``); a folder an evaluated iteration
+already trained on is refused, so the same feedback is never trained on twice.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from flax import nnx
 from ml_collections import config_dict
 
 from bb3x_jax import config as config_lib
-from bb3x_jax.data import generated, schema
+from bb3x_jax.data import deployment_feedback, generated, schema
 from bb3x_jax.data.tokenizers.base import as_text
 from bb3x_jax.eval import generation as generation_eval
 from bb3x_jax.eval import judges
@@ -160,9 +166,10 @@ def check_split_matches(meta: dict[str, Any], path: str, config: config_dict.Con
                         checkpoint: str, judge_name: str) -> None:
     """A finished split is reused only if it was made the way this run would make it (the model
     compared by its place in the workdir, so a moved workdir still resumes)."""
-    expected = {"model_in_workdir": os.path.relpath(checkpoint, workdir), "judge": judge_name,
-                "contexts_requested": config.iterate.contexts,
-                "settings": dataclasses.asdict(config_lib.generation_settings(config))}
+    expected = {"model_in_workdir": os.path.relpath(checkpoint, workdir)}
+    if meta.get("labels") != deployment_feedback.LABELS:  # feedback is read, not generated: no settings
+        expected.update({"judge": judge_name, "contexts_requested": config.iterate.contexts,
+                         "settings": dataclasses.asdict(config_lib.generation_settings(config))})
     different = [key for key, value in expected.items() if meta.get(key) != value]
     if different:
         raise config_lib.ConfigError(
@@ -170,8 +177,12 @@ def check_split_matches(meta: dict[str, Any], path: str, config: config_dict.Con
             f"({', '.join(f'{k}={meta.get(k)!r}' for k in different)}); move it away to generate it again")
 
 
+def evaluation_path(config: config_dict.ConfigDict, run_dir: str) -> str:
+    return os.path.join(run_dir, f"eval_{config.eval.split}.json")
+
+
 def evaluation(config: config_dict.ConfigDict, run_dir: str, checkpoints_dir: str | None = None) -> dict[str, Any]:
-    path = os.path.join(run_dir, f"eval_{config.eval.split}.json")
+    path = evaluation_path(config, run_dir)
     if not os.path.exists(path):
         eval_run.run(config, run_dir, checkpoints_dir=checkpoints_dir)
     with open(path) as f:
@@ -197,9 +208,20 @@ def result_row(iteration: int, checkpoint: str, evaluation: dict[str, Any],
         "nll_gap": evaluation.get("nll_gap_negative_minus_positive"),
     }
     if split_meta is not None:
-        row["train_generated"] = {"good_rate": split_meta["verdicts"]["good_rate"],
+        row["train_generated"] = {"good_rate": _labelled_good_rate(split_meta),
                                   "positive": split_meta["positive"], "negative": split_meta["negative"]}
+        if "deployment" in split_meta:
+            row["train_generated"]["deployment"] = split_meta["deployment"]
     return row
+
+
+def _labelled_good_rate(split_meta: dict[str, Any]) -> float | None:
+    """The share of the split's labelled responses that were good, before balancing."""
+    if "verdicts" in split_meta:
+        return split_meta["verdicts"]["good_rate"]
+    counts = split_meta["deployment_counts"]
+    rated = counts["rated_positive"] + counts["rated_negative"]
+    return counts["rated_positive"] / rated if rated else None
 
 
 def format_results(rows: Sequence[dict[str, Any]]) -> str:
@@ -222,29 +244,122 @@ def run(config: config_dict.ConfigDict, workdir: str) -> list[dict[str, Any]]:
                                      "judging are single-host (train the baseline on many hosts, iterate on one)")
     if not config.eval.generate_examples:
         raise config_lib.ConfigError("eval.generate_examples", "--mode=iterate evaluates generations: must be > 0")
+    if config.iterate.deployment:
+        return run_from_deployment(config, workdir)
     judge = judges.make_judge(config, workdir, config.iterate.judge)
     if judge is None:
         raise config_lib.ConfigError("iterate.judge", "no judge: train one with --mode=train_judge "
                                      f"(looked for {judges.judge_path(config, workdir)}) or name one")
+    return iterations(
+        config, workdir, config.iterate.iterations, judge.name,
+        make_split=lambda i, previous: generate_split(config, workdir, i, previous, judge),
+        check_split=lambda meta, path, previous, i: check_split_matches(meta, path, config, workdir, previous,
+                                                                        judge.name))
+
+
+def iterations(config: config_dict.ConfigDict, workdir: str, last: int, judge_name: str, *, make_split,
+               check_split) -> list[dict[str, Any]]:
+    """Iterations 1..``last``, each stage skipped when its output is complete; ``make_split(i, previous)``
+    writes iteration i's split when it has none, ``check_split(meta, path, previous, i)`` vets one."""
     start = starting_checkpoint(config, workdir)
     rows = [result_row(0, start, _baseline_evaluation(config, workdir, start), None)]
     previous = start
-    for iteration in range(1, config.iterate.iterations + 1):
+    for iteration in range(1, last + 1):
         run_dir = iteration_dir(workdir, iteration)
         split_path = os.path.join(run_dir, "generated")
         if not os.path.exists(os.path.join(split_path, "meta.json")):
-            generate_split(config, workdir, iteration, previous, judge)
+            make_split(iteration, previous)
         split_meta = json.load(open(os.path.join(split_path, "meta.json")))
-        check_split_matches(split_meta, split_path, config, workdir, previous, judge.name)
+        check_split(split_meta, split_path, previous, iteration)
         cfg = iteration_config(config, workdir, iteration, previous)
         if not os.path.exists(os.path.join(run_dir, "summary.json")):
             logging.info("iteration %d: training %d steps from %s", iteration, cfg.train.steps, previous)
             loop.run(cfg, run_dir)
         previous = latest_checkpoint(run_dir)
         rows.append(result_row(iteration, previous, evaluation(cfg, run_dir), split_meta))
-        _write_results(workdir, rows, judge.name)  # after every iteration: progress is readable while it runs
+        _write_results(workdir, rows, judge_name)  # after every iteration: progress is readable while it runs
     print(format_results(rows))
     return rows
+
+
+def run_from_deployment(config: config_dict.ConfigDict, workdir: str) -> list[dict[str, Any]]:
+    """One iteration whose split is a deployment folder's rated feedback on the newest model; the
+    iterations before it are only reported (their evaluations computed when missing)."""
+    feedback = deployment_feedback.read(config.iterate.deployment, config_lib.feedback_policy(config),
+                                        skip_malformed=config.data.skip_malformed)
+    if not (feedback.counts["rated_positive"] and feedback.counts["rated_negative"]):
+        raise config_lib.ConfigError(
+            deployment_feedback.KEY, f"{feedback.folder}: balancing needs both liked and disliked replies, got "
+            f"{feedback.counts['rated_positive']} positive and {feedback.counts['rated_negative']} negative")
+    target = deployment_iteration(config, workdir, feedback)
+    judge = judges.make_judge(config, workdir)  # what rates the evaluations' generations, if anything
+
+    def check_split(meta, path, previous, i):
+        if i == target:
+            check_split_matches(meta, path, config, workdir, previous, deployment_feedback.LABELS)
+
+    return iterations(
+        config, workdir, max(target, trained_iterations(workdir)), "none" if judge is None else judge.name,
+        make_split=lambda i, previous: deployment_split(config, workdir, i, previous, feedback),
+        check_split=check_split)
+
+
+def trained_iterations(workdir: str) -> int:
+    """How many iterations (1, 2, ... in order) finished training."""
+    count = 0
+    while os.path.exists(os.path.join(iteration_dir(workdir, count + 1), "summary.json")):
+        count += 1
+    return count
+
+
+def _split_meta(workdir: str, iteration: int) -> dict[str, Any] | None:
+    path = os.path.join(iteration_dir(workdir, iteration), "generated", "meta.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def deployment_iteration(config: config_dict.ConfigDict, workdir: str, feedback: deployment_feedback.Feedback) -> int:
+    """The iteration ``feedback`` trains: the one that recorded its fingerprint when that one is not
+    evaluated yet (an interrupted run resumes), else the one after the trained ones. A folder an evaluated
+    iteration already trained on is refused: a new iteration needs feedback on the newest model."""
+    trained = trained_iterations(workdir)
+    for iteration in range(1, trained + 2):
+        meta = _split_meta(workdir, iteration) or {}
+        if meta.get("deployment_fingerprint") != feedback.fingerprint:
+            continue
+        if os.path.exists(evaluation_path(config, iteration_dir(workdir, iteration))):
+            raise config_lib.ConfigError(
+                deployment_feedback.KEY, f"{feedback.folder}: iteration {iteration} already trained on this "
+                f"feedback (same content, fingerprint {feedback.fingerprint}, read from {meta['deployment']}); "
+                f"give a folder of new feedback on iteration {trained}'s model")
+        return iteration
+    pending = _split_meta(workdir, trained + 1)
+    if pending is not None:
+        source = pending.get("deployment") or pending.get("judge")
+        raise config_lib.ConfigError(
+            deployment_feedback.KEY, f"{iteration_dir(workdir, trained + 1)} holds an unfinished iteration made "
+            f"from {source}; finish it with the run that started it, or move it away, before training on "
+            f"{feedback.folder}")
+    return trained + 1
+
+
+def deployment_split(config: config_dict.ConfigDict, workdir: str, iteration: int, checkpoint: str,
+                     feedback: deployment_feedback.Feedback) -> dict[str, Any]:
+    """Stages 1-3 from a deployment folder: its rated messages (the model at ``checkpoint`` is the one
+    people rated), balanced as the judged generations are, written as the split."""
+    examples = [{**example, "iteration": iteration} for example in feedback.examples]
+    balanced, counts = generated.balance(examples, seed=config.seed + iteration)
+    meta = {
+        "iteration": iteration, "model": checkpoint, "model_in_workdir": os.path.relpath(checkpoint, workdir),
+        "labels": deployment_feedback.LABELS, "deployment": feedback.folder,
+        "deployment_fingerprint": feedback.fingerprint, "deployment_counts": feedback.counts,
+        "policy": config_lib.feedback_policy(config).to_dict(), "balance": counts,
+    }
+    path = os.path.join(iteration_dir(workdir, iteration), "generated")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    written = generated.write_split(path, balanced, meta)
+    print(f"iteration {iteration}: {len(examples)} rated replies from {feedback.folder}; kept "
+          f"{counts['positive_kept']} positive + {counts['negative_kept']} negative -> {path}")
+    return written
 
 
 def _write_results(workdir: str, rows: list[dict[str, Any]], judge_name: str) -> None:

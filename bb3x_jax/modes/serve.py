@@ -1,6 +1,7 @@
 """``--mode=serve``: a web chat that collects conversations and ratings in the release's format.
 
-The model is the workdir's (``eval.checkpoint``: best by default), or
+The model is the workdir's (``eval.checkpoint``: best by default; of
+``serve.checkpoints`` when set, e.g. an iteration's ``iterations/<i>/checkpoints``), or
 ``train.init_from`` (anything ``bb3x_jax.load`` reads, with its own tokenizer)
 when the workdir has no checkpoint yet; it replies with ``config.generation``.
 Conversations go to ``serve.folder`` (default ``<workdir>/deployment``) as
@@ -45,8 +46,11 @@ def load_responder(config: config_dict.ConfigDict, workdir: str) -> tuple[Respon
     """(the responder, what it serves): the workdir's checkpoint, else ``train.init_from``."""
     settings_ = config_lib.generation_settings(config)
     options = dict(max_batch=config.serve.max_batch, seed=config.seed)
-    if _has_checkpoints(os.path.join(workdir, "checkpoints")):
-        trained = runtime.trained_network(config, workdir)
+    folder = config.serve.checkpoints or os.path.join(workdir, "checkpoints")
+    if config.serve.checkpoints and not _has_checkpoints(folder):
+        raise ConfigError("serve.checkpoints", f"{folder} holds no checkpoint (step folders)")
+    if _has_checkpoints(folder):
+        trained = runtime.trained_network(config, workdir, checkpoints_dir=config.serve.checkpoints or None)
         responder = Responder(trained.network, trained.setup.tokenizer, trained.setup.framing, settings_, **options)
         return responder, trained.checkpoint
     path = config.train.init_from

@@ -43,6 +43,7 @@ from bb3x_jax.data.tokenizers import files as tokenizer_files
 from bb3x_jax.errors import ConfigError, Stopped, TrainingDiverged, WorkdirError
 from bb3x_jax.eval import likelihood as eval_lib
 from bb3x_jax.train import checkpoint as checkpoint_lib
+from bb3x_jax.train import inputs as dataset
 from bb3x_jax.train import metrics_log
 from bb3x_jax.train import runtime as setup_lib
 
@@ -197,6 +198,7 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
     directory = os.path.join(workdir, "checkpoints")
     saved_meta = _check_workdir(config, directory)  # before anything is written
     setup = setup_lib.Setup(config, workdir)
+    dataset.check_not_empty(setup.built, "valid")  # every run validates at its end: fail before the first step
     if saved_meta is not None:
         _check_model(saved_meta, setup.model_cfg, directory)
     train = config.train

@@ -164,10 +164,15 @@ def pipeline_config(config: config_dict.ConfigDict, *, train: bool, framing=None
 
 def source(built: builder_lib.Bb3xDeployment, split: str) -> records.TrainingRecords:
     """The split's (context, label, feedback) records; an empty split (possible on small releases) is an error."""
-    if builder_lib.num_examples(built, split) == 0:
-        report = builder_lib.split_report(built, split)
-        raise ValueError(f"split {split!r} of {built.builder_config.name} has no examples: {report}")
+    check_not_empty(built, split)
     return records.TrainingRecords.of(built, split)
+
+
+def check_not_empty(built: builder_lib.Bb3xDeployment, split: str) -> None:
+    """A split a run reads must hold examples: small releases (a fresh deployment folder) may leave
+    one empty, which is the user's to fix (more conversations, or another split), not a crash."""
+    if builder_lib.num_examples(built, split) == 0:
+        raise builder_lib.EmptySplitError(split, builder_lib.split_report(built, split))
 
 
 def batch_source(config: config_dict.ConfigDict, built: builder_lib.Bb3xDeployment, tok, split: str,
