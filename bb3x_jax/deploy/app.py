@@ -56,6 +56,15 @@ class ServeSettings:
         return any(f" {phrase} " in words for phrase in self.blocked_words)
 
 
+class _PageFiles(StaticFiles):
+    """The page's script and style, with the page's security headers."""
+
+    def file_response(self, *args, **kwargs):
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+
 class ApiError(Exception):
     def __init__(self, status: int, detail: str):
         super().__init__(detail)
@@ -164,6 +173,8 @@ def make_app(store: store_lib.DeploymentStore, responder: BatchingResponder | No
             comment = _text(body, "comment", settings)
             if rating != store_lib.DISLIKE:
                 raise ApiError(422, "comment: only a dislike takes a comment")
+        else:
+            comment = None  # a blank comment box adds no message
         async with conversation_lock(cid):
             await run_in_threadpool(store.rate, cid, message_id, rating, reason)
             if comment:  # the user's words on why: a human message marked as dislike feedback
@@ -210,7 +221,7 @@ def make_app(store: store_lib.DeploymentStore, responder: BatchingResponder | No
             Route(f"{conversation}/messages", message, methods=["POST"]),
             Route(f"{conversation}/feedback", feedback, methods=["POST"]),
             Route(f"{conversation}/end", end, methods=["POST"]),
-            Mount("/static", StaticFiles(directory=PAGE_DIR), name="static"),
+            Mount("/static", _PageFiles(directory=PAGE_DIR), name="static"),
         ],
         exception_handlers={ApiError: api_error, store_lib.UnknownConversation: unknown,
                             store_lib.UnknownMessage: unknown, store_lib.ConversationEnded: ended},

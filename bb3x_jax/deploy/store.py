@@ -246,7 +246,7 @@ class DeploymentStore:
                 if event["op"] == "snapshot":
                     event = {**event, "op": "start"}
                 _apply(self._conversations, event)
-            except (ValueError, KeyError) as error:
+            except (ValueError, KeyError, TypeError) as error:
                 raise ValueError(f"{self.wal_path}: line {number} is not a valid event ({error!r}); "
                                  "the log was written by another program or edited") from None
             report.events += 1

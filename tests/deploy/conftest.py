@@ -56,7 +56,9 @@ class Server:
         raise RuntimeError(f"the server did not answer within {timeout_s} s:\n{self.output()}")
 
     def output(self) -> str:
-        self.log.flush()
+        """What the server printed so far (also after it stopped)."""
+        if not self.log.closed:
+            self.log.flush()
         return open(self.log_path).read()
 
     def client(self) -> httpx.Client:

@@ -17,6 +17,7 @@ import shutil
 
 import pytest
 
+from bb3x_jax.data import schema
 from tests.modes.test_train import fresh_workdir, run_main
 
 HELD_OUT_CHUNKS = (1, 4)  # a test and a valid chunk
@@ -242,3 +243,20 @@ def test_plain_training_data_reads_a_mostly_empty_deployment_folder(deployment, 
     assert (train["positive"], train["negative"], train["unlabeled"]) == (
         expected["rated_positive"], expected["rated_negative"], expected["unlabeled_skipped"])
     assert train["skipped"] == 0 and train["empty_chunk_files"] == 91
+
+
+def test_training_on_a_folder_without_valid_conversations_is_one_line_before_any_step(deployment, tmp_path):
+    """Training validates on chunks 03-05; a small deployment may have none there, which is refused in
+    one line naming the split and its chunk files before a step is taken or a checkpoint written."""
+    folder = str(tmp_path / "no_valid")
+    shutil.copytree(deployment[0], folder)
+    for chunk in schema.SPLIT_CHUNKS["valid"]:
+        open(os.path.join(folder, f"release_data_{chunk:02d}.jsonl"), "w").close()
+    workdir = str(tmp_path / "train")
+    out = run_main(workdir, f"--config.data.manual_dir={folder}", check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]  # after the preparation's log
+    assert len(errors) == 1 and out.stderr.rstrip().endswith(errors[0]), out.stderr[-3000:]
+    line = errors[0]
+    assert "split 'valid' has no examples" in line and "release_data_03..05.jsonl" in line, line
+    assert not os.path.exists(os.path.join(workdir, "checkpoints"))
