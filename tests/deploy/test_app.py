@@ -241,6 +241,30 @@ def test_a_comment_becomes_a_dislike_feedback_message(api):
     assert history[2]["safety"] == {"duo_safety": schema.SAFETY_OK, "string_matcher": schema.SAFETY_OK}
 
 
+def test_blocked_words_flag_safety_and_get_the_canned_reply(tmp_path):
+    """serve.blocked_words is the server's string matcher: a message with a listed word or phrase (as
+    whole words, any case) is flagged unsafe in both verdicts, and with serve.safety_response the bot
+    answers with the canned text, marked as BB3 marked its safety deflections, without the model."""
+    store = store_lib.DeploymentStore(str(tmp_path / "deployment"))
+    responder = EchoResponder()
+    settings = app_lib.ServeSettings(blocked_words=app_lib.parse_words("darn, shut up"),
+                                     safety_response="Let's talk about something else.")
+    with TestClient(app_lib.make_app(store, responder, settings)) as client:
+        cid = start(client)
+        assert say(client, cid, "Oh DARN it!")["text"] == "Let's talk about something else."
+        assert say(client, cid, "darning socks is fun")["text"] == "echo: darning socks is fun"  # not a whole word
+        assert say(client, cid, "please Shut  up")["text"] == "Let's talk about something else."
+        assert client.post(f"/api/conversations/{cid}/end").status_code == 200
+    assert len(responder.histories) == 1  # the model saw only the unflagged message
+    history = chat_line(store, cid)["message_history"]
+    flagged = [m["safety"]["duo_safety"] != "__ok__" for m in history]
+    assert flagged == [True, False, False, False, True, False]
+    canned = [history[1], history[5]]
+    assert all(m["isSafetyControlledResponse"] and m["previous_interaction_failure"] == "unsafe_Human"
+               for m in canned)
+    assert not history[3]["isSafetyControlledResponse"] and history[3]["previous_interaction_failure"] == ""
+
+
 def test_the_page_and_its_files_carry_the_content_security_policy(api):
     """The page, its script and its style are served, each with the Content-Security-Policy (and the
     other security headers), so no text shown on the page can run as code."""
