@@ -194,7 +194,7 @@ def get_config() -> config_dict.ConfigDict:
             "checkpoints": "",  # a folder of checkpoints to serve instead ('' -> <workdir>/checkpoints)
             "max_chars": 1000,  # longest message accepted (longer: HTTP 413)
             "max_batch": 8,  # requests decoded together in one search (powers of 2 up to this)
-            "batch_wait_ms": 5.0,  # how long the first request of a batch waits for others
+            "batch_wait_ms": 20.0,  # how long the first request of a batch waits for others
             "warm_up": True,  # compile every batch size before accepting requests
             "compact_every_s": 2.0,  # the chunk files follow the durable log within this time
             # shown above the chat; say what is recorded and why

@@ -55,7 +55,10 @@ function addBotMessage(messageId, text) {
     } catch (error) { showStatus(error.message); }
   };
   like.addEventListener("click", () => rate("like", null));
-  dislike.addEventListener("click", () => { form.hidden = false; });
+  dislike.addEventListener("click", () => {
+    form.hidden = false;
+    form.scrollIntoView({ block: "nearest" });
+  });
   form.addEventListener("submit", (event) => {
     event.preventDefault();
     const chosen = form.querySelector("input[type=radio]:checked");
