@@ -22,7 +22,9 @@ and writes ``bb3x_table.md`` (the paper's Table 9 layout: the good-response
 rate and every bad reason per model, judged by the world's ground truth on
 every context of ``eval.split``), ``bb3x_table.png`` (bar chart) and
 ``bb3x_table.json`` (rows, goals, stage timings). Every stage reuses what a
-previous (interrupted) run finished, so running it again continues.
+previous (interrupted) run finished with the same settings, so running it again
+continues; a finished training made with other settings is refused, naming the
+setting, and an evaluation made otherwise is made again.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from ml_collections import config_dict, config_flags
 from bb3x_jax import config as config_lib
 from bb3x_jax.modes import iterate
 from bb3x_jax.modes import train as loop
+from bb3x_jax.train import stages
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bb3x_table.py", "Experiment configuration.",
                                           lock_config=True)
@@ -75,7 +78,7 @@ def run_experiment(config: config_dict.ConfigDict, workdir: str) -> dict[str, An
     started = time.perf_counter()
     timings: dict[str, float] = {}
     base = baseline_config(config, workdir)
-    if not os.path.exists(os.path.join(workdir, "summary.json")):
+    if not stages.training_finished(base, workdir, workdir):
         _timed(timings, "baseline_train", loop.run, base, workdir)
     rows = _timed(timings, "iterations", iterate.run, config, workdir)
     labels = ["BB3 stand-in (baseline, " + config.baseline.objective + ")"]
@@ -84,7 +87,7 @@ def run_experiment(config: config_dict.ConfigDict, workdir: str) -> dict[str, An
     if config.control.enabled:
         control_dir = os.path.join(workdir, "control")
         cfg = control_config(config, workdir, rows[0]["model"])
-        if not os.path.exists(os.path.join(control_dir, "summary.json")):
+        if not stages.training_finished(cfg, control_dir, workdir):
             _timed(timings, "control_train", loop.run, cfg, control_dir)
         evaluation = _timed(timings, "control_eval", iterate.evaluation, cfg, control_dir)
         row = iterate.result_row(0, iterate.latest_checkpoint(control_dir), evaluation, None)

@@ -20,9 +20,11 @@ e.g. the MLE baseline standing in for BB3). Iteration ``i`` then
 Layout: ``<workdir>/iterations/<i>/`` holds iteration ``i``'s generated split
 (``generated/``), its training run (checkpoints, metrics, summary) and its
 evaluation; ``iterations/0/`` holds the starting model's evaluation. Each
-stage is skipped when its output is complete, and the training run resumes from
-its own checkpoints, so an interrupted ``--mode=iterate`` picks up where it
-stopped. ``<workdir>/iterations/results.json`` and ``results.md`` gather one row
+stage is skipped when its output is complete and was made with this run's
+settings (``bb3x_jax.train.stages``), and the training run resumes from its own
+checkpoints, so an interrupted ``--mode=iterate`` picks up where it stopped; a
+rerun with other settings evaluates again, or refuses a finished split or
+training made otherwise, naming the setting. ``<workdir>/iterations/results.json`` and ``results.md`` gather one row
 per iteration.
 
 With ``iterate.deployment`` set to a deployment folder (people's rated chats
@@ -55,8 +57,9 @@ from bb3x_jax.eval import generation as generation_eval
 from bb3x_jax.eval import judges
 from bb3x_jax.modes import eval as eval_run
 from bb3x_jax.modes import train as loop
+from bb3x_jax.train import checkpoint as checkpoint_lib
 from bb3x_jax.train import inputs as dataset
-from bb3x_jax.train import runtime
+from bb3x_jax.train import runtime, stages
 
 
 def iteration_dir(workdir: str, iteration: int) -> str:
@@ -148,7 +151,7 @@ def generate_split(config: config_dict.ConfigDict, workdir: str, iteration: int,
     balanced, counts = generated.balance(examples, seed=config.seed + iteration)
     meta = {
         "iteration": iteration, "model": checkpoint, "model_in_workdir": os.path.relpath(checkpoint, workdir),
-        "judge": judge.name, "settings": dataclasses.asdict(settings),
+        "judge": judge.name, "settings": dataclasses.asdict(settings), "seed": config.seed,
         "contexts_requested": config.iterate.contexts, "contexts": len(contexts), "balance": counts,
         "verdicts": generation_eval.judge_summary(verdicts, judge.bad_reasons),
         "generate_s": round(generated_s, 1),
@@ -168,7 +171,7 @@ def check_split_matches(meta: dict[str, Any], path: str, config: config_dict.Con
     compared by its place in the workdir, so a moved workdir still resumes)."""
     expected = {"model_in_workdir": os.path.relpath(checkpoint, workdir)}
     if meta.get("labels") != deployment_feedback.LABELS:  # feedback is read, not generated: no settings
-        expected.update({"judge": judge_name, "contexts_requested": config.iterate.contexts,
+        expected.update({"judge": judge_name, "contexts_requested": config.iterate.contexts, "seed": config.seed,
                          "settings": dataclasses.asdict(config_lib.generation_settings(config))})
     different = [key for key, value in expected.items() if meta.get(key) != value]
     if different:
@@ -181,12 +184,37 @@ def evaluation_path(config: config_dict.ConfigDict, run_dir: str) -> str:
     return os.path.join(run_dir, f"eval_{config.eval.split}.json")
 
 
+def evaluated_checkpoint(config: config_dict.ConfigDict, run_dir: str, checkpoints_dir: str | None = None) -> str:
+    """The step folder ``--mode=eval`` would read: ``eval.checkpoint`` of ``checkpoints_dir`` (or the run's)."""
+    directory = checkpoints_dir or os.path.join(run_dir, "checkpoints")
+    checkpoints = checkpoint_lib.Checkpointer(directory, best_metric=config.checkpoint.best_metric,
+                                              best_mode=config.checkpoint.best_mode, async_save=False)
+    try:
+        return os.path.join(directory, str(runtime.choose_step(checkpoints, config.eval.checkpoint)))
+    finally:
+        checkpoints.close()
+
+
 def evaluation(config: config_dict.ConfigDict, run_dir: str, checkpoints_dir: str | None = None) -> dict[str, Any]:
+    """The run's evaluation (``--mode=eval``), reused only when it was made from the same checkpoint with
+    the same settings (``stages.evaluation_settings``), else made again."""
     path = evaluation_path(config, run_dir)
-    if not os.path.exists(path):
-        eval_run.run(config, run_dir, checkpoints_dir=checkpoints_dir)
+    expected = stages.evaluation_settings(config, evaluated_checkpoint(config, run_dir, checkpoints_dir), run_dir)
+    if os.path.exists(path):
+        with open(path) as f:
+            report = json.load(f)
+        changed = stages.changed_settings(report.get(stages.SETTINGS_KEY), expected)
+        if not changed:
+            return report
+        logging.info("%s was made with other settings (%s): evaluating again", path, ", ".join(changed[:5]))
+    eval_run.run(config, run_dir, checkpoints_dir=checkpoints_dir)
     with open(path) as f:
-        return json.load(f)
+        report = json.load(f)
+    report[stages.SETTINGS_KEY] = expected
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return report
 
 
 def _baseline_evaluation(config: config_dict.ConfigDict, workdir: str, checkpoint: str) -> dict[str, Any]:
@@ -272,7 +300,7 @@ def iterations(config: config_dict.ConfigDict, workdir: str, last: int, judge_na
         split_meta = json.load(open(os.path.join(split_path, "meta.json")))
         check_split(split_meta, split_path, previous, iteration)
         cfg = iteration_config(config, workdir, iteration, previous)
-        if not os.path.exists(os.path.join(run_dir, "summary.json")):
+        if not stages.training_finished(cfg, run_dir, workdir):
             logging.info("iteration %d: training %d steps from %s", iteration, cfg.train.steps, previous)
             loop.run(cfg, run_dir)
         previous = latest_checkpoint(run_dir)

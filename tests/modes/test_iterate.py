@@ -168,3 +168,39 @@ def test_a_finished_split_made_otherwise_is_not_reused(straight, tmp_path):
     shutil.copytree(straight[0], workdir, symlinks=True)
     out = run_main(workdir, *ITERATE_FLAGS, "--config.generation.beam_size=3", mode="iterate", check=False)
     assert out.returncode != 0 and "generated with other settings" in out.stderr
+
+
+def test_a_finished_training_made_otherwise_is_refused_naming_the_setting(straight, tmp_path):
+    """A rerun asking for other training settings than a finished iteration's (here its step count) is
+    refused in one line naming the key and both values, before anything is written: what was generated
+    and trained after it was made from the old model."""
+    import shutil
+
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(straight[0], workdir, symlinks=True)
+    before = {p: os.path.getmtime(os.path.join(workdir, "iterations", p)) for p in ("1", "2")}
+    flags = [f for f in ITERATE_FLAGS if not f.startswith("--config.iterate.steps=")] + ["--config.iterate.steps=5"]
+    out = run_main(workdir, *flags, mode="iterate", check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    line = [x for x in out.stderr.splitlines() if x.startswith("error:")][-1]
+    assert "train.steps" in line and "6" in line and "5" in line, line
+    assert before == {p: os.path.getmtime(os.path.join(workdir, "iterations", p)) for p in ("1", "2")}
+
+
+def test_an_evaluation_made_otherwise_is_made_again(straight, tmp_path):
+    """Evaluations record the settings and checkpoint they were made with; a rerun with another
+    evaluation setting (the generation length) evaluates again instead of reporting the old numbers
+    under the new settings, while the finished splits and trainings are reused."""
+    import shutil
+
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(straight[0], workdir, symlinks=True)
+    path = os.path.join(workdir, "iterations", "2", "eval_valid.json")
+    recorded = json.load(open(path))["stage_settings"]
+    assert recorded["generation.max_len"] == 8 and recorded["checkpoint"] == os.path.join("checkpoints", "6")
+    split_meta = os.path.getmtime(os.path.join(workdir, "iterations", "2", "generated", "meta.json"))
+    out = run_main(workdir, *ITERATE_FLAGS, "--config.eval.generate_examples=6", mode="iterate")
+    again = json.load(open(path))
+    assert again["stage_settings"]["eval.generate_examples"] == 6 and again["generation"]["judged"] == 6
+    assert os.path.getmtime(os.path.join(workdir, "iterations", "2", "generated", "meta.json")) == split_meta
+    assert "training" not in out.stderr.lower() or "iteration 1: training" not in out.stderr
