@@ -33,6 +33,8 @@ def get_config() -> config_dict.ConfigDict:
     config.iterate.contexts = 2000
     config.iterate.steps = 300
     config.baseline = config_dict.ConfigDict({"objective": "mle", "steps": 4000})
-    config.control = config_dict.ConfigDict({"enabled": True})
+    # same_data: comma-separated objectives (mle_positive_only, unlikelihood) each trained like the
+    # CRINGE iterations on the same generated splits and steps, as further rows ('' -> none)
+    config.control = config_dict.ConfigDict({"enabled": True, "same_data": ""})
     config.sampled = config_dict.ConfigDict({"enabled": True, "temperature": 1.0})
     return config

@@ -14,6 +14,9 @@ release, on CPU, with ``configs/bb3x_table.py``:
 3. **control** (``control.enabled``): the baseline trained on by likelihood for
    as many steps as all iterations together, so the table separates what
    CRINGE adds from what more training adds;
+   and (``control.same_data``) each named objective trained like the
+   iterations on CRINGE's own generated splits, same steps (e.g.
+   ``mle_positive_only``: rejection sampling; ``unlikelihood``);
 4. **sampled evaluation** (``sampled.enabled``): every model also judged on
    sampled responses (temperature ``sampled.temperature``), which show the
    learned distribution where beam search shows only its mode;
@@ -29,6 +32,7 @@ setting, and an evaluation made otherwise is made again.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -51,6 +55,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/bb3x_table.py", "Ex
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/bb3x_table", "Where the experiment writes everything.")
 
 GOAL_POINTS = 5.0  # iteration N must be this many points above the baseline
+CONTROL_POINTS = 3.0  # ... and this many above every control
 GOALS_MISSED_STATUS = 3  # exit status when the run finished but missed a goal (a crash exits 1)
 
 
@@ -93,9 +98,12 @@ def run_experiment(config: config_dict.ConfigDict, workdir: str) -> dict[str, An
         row = iterate.result_row(0, iterate.latest_checkpoint(control_dir), evaluation, None)
         table_rows.append(dict(row, iteration=None,
                                name=f"control: baseline + {cfg.train.steps} more {cfg.train.objective} steps"))
+    for objective in same_data_objectives(config):
+        table_rows.append(_timed(timings, f"control_{objective}", same_data_control, config, workdir, objective,
+                                 rows[0]["model"]))
     if config.sampled.enabled:
         _timed(timings, "sampled_eval", add_sampled_evaluations, config, workdir, table_rows)
-    goals = check_goals(rows)
+    goals = check_goals(rows, [r for r in table_rows if r.get("iteration") is None])
     result = {
         "rows": table_rows, "goals": goals, "timings_s": timings,
         "wall_s": round(time.perf_counter() - started, 1),
@@ -112,6 +120,30 @@ def run_experiment(config: config_dict.ConfigDict, workdir: str) -> dict[str, An
         print(line)
     print(json.dumps({k: result[k] for k in ("goals", "timings_s", "wall_s")}))
     return result
+
+
+def same_data_objectives(config: config_dict.ConfigDict) -> list[str]:
+    return [o.strip() for o in config.control.get("same_data", "").split(",") if o.strip()]
+
+
+def same_data_control(config: config_dict.ConfigDict, workdir: str, objective: str, start: str) -> dict[str, Any]:
+    """CRINGE's iterations with another objective: from the baseline, step ``i`` trains
+    ``iterate.steps`` steps of ``objective`` on the release plus CRINGE's generated splits 1..i,
+    the same data and steps CRINGE had (``mle_positive_only`` on them is rejection sampling), so the
+    table separates what the loss adds from what the judged generations add. Its last model is
+    evaluated like the iterations'."""
+    previous = start
+    for iteration in range(1, config.iterate.iterations + 1):
+        run_dir = os.path.join(workdir, "controls", objective, str(iteration))
+        cfg = copy.deepcopy(iterate.iteration_config(config, workdir, iteration, previous))
+        with cfg.unlocked():
+            cfg.train.objective = objective
+        cfg = config_lib.validate(cfg)
+        if not stages.training_finished(cfg, run_dir, workdir):
+            loop.run(cfg, run_dir)
+        previous = iterate.latest_checkpoint(run_dir)
+    row = iterate.result_row(config.iterate.iterations, previous, iterate.evaluation(cfg, run_dir), None)
+    return dict(row, iteration=None, name=f"control: {objective} on CRINGE's generated data")
 
 
 def sampled_config(config: config_dict.ConfigDict, workdir: str, checkpoint: str) -> config_dict.ConfigDict:
@@ -145,18 +177,28 @@ def add_sampled_evaluations(config: config_dict.ConfigDict, workdir: str, rows: 
         row["sampled"] = {"good_rate": gen["good_rate"], "reasons": gen["reasons"], "examples": gen["examples"]}
 
 
-def check_goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The experiment's goals: good rate up at every iteration, the last >= baseline + 5 points."""
+def check_goals(rows: list[dict[str, Any]], controls: list[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The experiment's goals: good rate up at every iteration, the last >= baseline + 5 points and
+    >= every control + ``CONTROL_POINTS``."""
     good = [100 * r["good_rate"] for r in rows]
     every = all(b > a for a, b in zip(good, good[1:]))
     gain = good[-1] - good[0]
+    margins = {c["name"]: round(good[-1] - 100 * c["good_rate"], 2) for c in controls}
+    beaten = all(m >= CONTROL_POINTS for m in margins.values())
     lines = [
         f"goal: better at every iteration: {'yes' if every else 'NO'} ({' -> '.join(f'{g:.1f}' for g in good)})",
         f"goal: last iteration >= baseline + {GOAL_POINTS:g} points: {'yes' if gain >= GOAL_POINTS else 'NO'} "
         f"({gain:+.1f} points)",
     ]
+    if controls:
+        lines.append(f"goal: last iteration >= every control + {CONTROL_POINTS:g} points: "
+                     f"{'yes' if beaten else 'NO'} (" + "; ".join(f"{n}: {m:+.1f}" for n, m in margins.items()) + ")")
     return {"every_iteration_better": every, "gain_points": round(gain, 2), "gain_goal_met": gain >= GOAL_POINTS,
-            "lines": lines}
+            "control_margins_points": margins, "controls_beaten": beaten, "lines": lines}
+
+
+def goals_met(goals: dict[str, Any]) -> bool:
+    return goals["every_iteration_better"] and goals["gain_goal_met"] and goals.get("controls_beaten", True)
 
 
 REASON_ORDER = ("inappropriate", "nonsensical", "off_topic", "ignoring_last_turn", "repeating")
@@ -238,7 +280,7 @@ def main(argv):
     tfds.disable_progress_bar()
     result = run_experiment(config, _WORKDIR.value)
     goals = result["goals"]
-    sys.exit(0 if goals["every_iteration_better"] and goals["gain_goal_met"] else GOALS_MISSED_STATUS)
+    sys.exit(0 if goals_met(goals) else GOALS_MISSED_STATUS)
 
 
 if __name__ == "__main__":
