@@ -108,4 +108,5 @@ def test_serve_collect_train_serve(trained_workdir, serve, tmp_path):
     with again.client() as client:
         cid = client.post("/api/conversations").json()["conversation_id"]
         reply = client.post(f"/api/conversations/{cid}/messages", json={"text": "hello there!"})
-        assert reply.status_code == 200 and reply.json()["text"]
+        # a few CRINGE steps on mostly disliked replies may leave the model ending at once: an empty reply
+        assert reply.status_code == 200 and isinstance(reply.json()["text"], str) and reply.json()["message_id"]
