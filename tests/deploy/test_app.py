@@ -58,13 +58,16 @@ def api(tmp_path):
     assert responder.closed  # the lifespan closes the responder and the store on the way out
 
 
-def chat_line(store: store_lib.DeploymentStore, cid: str) -> dict:
-    """The conversation's line in its chunk file, read by the release reader (exactly one line)."""
+def chat_line(store: store_lib.DeploymentStore, cid: str, chat_id: str | None = None) -> dict:
+    """The conversation's line in its chunk file, read by the release reader: the only line there, or
+    the one of ``chat_id`` (conversations may share a chunk)."""
     path = store.chunk_path(store_lib.chunk_of(cid))
     with open(path, "rb") as f:
-        lines = [line for line in f.read().split(b"\n") if line]
+        lines = [release.parse_conversation(line, path) for line in f.read().split(b"\n") if line]
+    if chat_id is not None:
+        lines = [line for line in lines if line["chat_id"] == chat_id]
     assert len(lines) == 1, lines
-    return release.parse_conversation(lines[0], path)
+    return lines[0]
 
 
 def start(client, **body) -> str:
@@ -325,6 +328,8 @@ def test_concurrent_conversations_are_decoded_together_with_the_replies_of_alone
     batching = BatchingResponder(responder, wait_s=0.5)
     app = app_lib.make_app(store, batching, app_lib.ServeSettings(max_chars=200))
 
+    chat_ids: dict[str, str] = {}
+
     async def session():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://server", timeout=120) as client:
@@ -336,6 +341,7 @@ def test_concurrent_conversations_are_decoded_together_with_the_replies_of_alone
 
             together = await asyncio.gather(*(start_and_say(text) for text in texts))
             counts = list(batching.batch_counts)
+            chat_ids.update({cid: store.open_conversation(cid).record["chat_id"] for cid, _ in together})
             alone = [await start_and_say(text) for text in texts]
             for cid, _ in together:
                 assert (await client.post(f"/api/conversations/{cid}/end")).status_code == 200
@@ -350,7 +356,7 @@ def test_concurrent_conversations_are_decoded_together_with_the_replies_of_alone
     assert [reply for _, reply in together] == [reply for _, reply in alone]
     assert len({reply for _, reply in together}) > 1  # distinct replies: a mix-up between requests would show
     for (cid, reply), text in zip(together, texts):
-        history = chat_line(store, cid)["message_history"]
+        history = chat_line(store, cid, chat_ids[cid])["message_history"]
         assert [m["text"] for m in history] == [text, reply]
     assert store.open_count == len(texts)  # the ones decoded alone are still open
     store.close()
