@@ -26,6 +26,7 @@ from flax import nnx
 from bb3x_jax import decoding
 from bb3x_jax.data import framing as framing_lib
 from bb3x_jax.data.tokenizers.base import DELIMITER
+from bb3x_jax.eval.generation import response_text
 
 
 def context_text(turns: Sequence[str]) -> str:
@@ -70,13 +71,7 @@ class Responder:
                                   pad_id=self.tokenizer.pad_id, filler_id=self.tokenizer.end_id)
         tokens, _ = self.search(self.state, rows, jax.random.fold_in(self.key, self.batches))
         self.batches += 1
-        return [self.response_text(row) for row in np.asarray(tokens)[: len(histories)]]
-
-    def response_text(self, ids) -> str:
-        ids = [int(t) for t in ids]
-        if self.tokenizer.end_id in ids:
-            ids = ids[: ids.index(self.tokenizer.end_id)]
-        return self.tokenizer.decode([t for t in ids if t != self.tokenizer.pad_id]).strip()
+        return [response_text(self.tokenizer, row) for row in np.asarray(tokens)[: len(histories)]]
 
     def warm_up(self) -> None:
         """Compiles every batch size now, so that no user waits for a compilation."""
