@@ -216,6 +216,18 @@ def get_config() -> config_dict.ConfigDict:
     config.judge = config_dict.ConfigDict(
         {
             "path": "",  # where the classifier is written / read ('' -> <workdir>/judge)
+            # A dialogue model (encoder-decoder) to start from: its encoder reads the context,
+            # its decoder the response, and a linear layer its decoder states
+            # (model/classifier.py); it must use the run's tokenizer. A path bb3x_jax.load
+            # reads (a training workdir, a checkpoint), 'workdir' for this run's workdir
+            # (the model --mode=train trained there), '' for the small encoder below from
+            # random weights. d_model .. max_len then come from the model and its framing, and
+            # fine-tuning wants fewer steps at a lower rate (configs/bb3x_table.py: 150 at 3e-4).
+            "init_from": "",
+            # Canned system responses (safety deflections, crash messages) keep their own
+            # feedback as judge labels; the policy's canned rule leaves them unlabeled for
+            # CRINGE (not model generations), and a judge that never saw one calls them bad.
+            "label_canned": True,
             # Sized for CPU (about 1 min of training on 2 cores); on the real release
             # (~150k labelled messages) raise steps, max_len and the width.
             "d_model": 32,

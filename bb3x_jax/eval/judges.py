@@ -99,17 +99,18 @@ def make_judge(config: config_dict.ConfigDict, workdir: str, which: str | None =
 
 def encode(contexts: Sequence[str], responses: Sequence[str], tokenizer, max_len: int,
            chunk: int = 8192) -> np.ndarray:
-    """``classifier.encode_pairs`` in chunks (bounded memory on large splits)."""
+    """``classifier.encode_pairs`` (the encoder arch's rows) in chunks (bounded memory on large splits)."""
     parts = [classifier_lib.encode_pairs(contexts[i : i + chunk], responses[i : i + chunk], tokenizer, max_len)
              for i in range(0, len(contexts), chunk)]
     return np.concatenate(parts) if parts else np.zeros((0, max_len), np.int32)
 
 
-def _padding_rows(n: int, cfg: classifier_lib.ClassifierConfig) -> np.ndarray:
-    """Filler rows of a fixed-shape batch: a lone separator (never an all-pad row)."""
-    rows = np.full((n, cfg.max_len), cfg.pad_id, np.int32)
-    rows[:, -1] = cfg.sep_id
-    return rows
+def encode_rows(cfg: classifier_lib.ClassifierConfig, contexts: Sequence[str], responses: Sequence[str], tokenizer,
+                chunk: int = 8192) -> np.ndarray:
+    """``classifier.encode_rows`` (either arch) in chunks."""
+    parts = [classifier_lib.encode_rows(cfg, contexts[i : i + chunk], responses[i : i + chunk], tokenizer)
+             for i in range(0, len(contexts), chunk)]
+    return np.concatenate(parts) if parts else np.zeros((0, cfg.max_len), np.int32)
 
 
 def batched_probabilities(logits_fn, cfg: classifier_lib.ClassifierConfig, ids: np.ndarray,
@@ -119,7 +120,7 @@ def batched_probabilities(logits_fn, cfg: classifier_lib.ClassifierConfig, ids: 
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
         if len(chunk) < batch_size:
-            chunk = np.concatenate([chunk, _padding_rows(batch_size - len(chunk), cfg)])
+            chunk = np.concatenate([chunk, classifier_lib.padding_rows(cfg, batch_size - len(chunk))])
         logits = np.asarray(logits_fn(jnp.asarray(chunk)))
         n = min(batch_size, len(ids) - start)
         out[start : start + n] = 1.0 / (1.0 + np.exp(-logits[:n].astype(np.float64)))
@@ -176,7 +177,8 @@ class FeedbackJudge:
         self.directory = directory
         self.name = f"feedback classifier {directory}"
         model = nnx.eval_shape(lambda: classifier_lib.construct(cfg, 0))
-        self._graphdef, _, self._rest = nnx.split(model, nnx.Param, ...)
+        self._graphdef, _, _ = nnx.split(model, nnx.Param, ...)
+        self._rest = classifier_lib.inference_rest(cfg)  # the dialogue network's RNG streams (unused: no dropout)
         self._params = params
         self._logits = jax.jit(functools.partial(classifier_lib.logits_fn, self._graphdef))
 
@@ -185,7 +187,7 @@ class FeedbackJudge:
         """P(good) per pair; batches of exactly ``batch_size`` rows (one compilation per batch size)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        ids = encode(list(contexts), list(responses), self.tokenizer, self.cfg.max_len)
+        ids = encode_rows(self.cfg, list(contexts), list(responses), self.tokenizer)
         return batched_probabilities(lambda x: self._logits(self._params, self._rest, x), self.cfg, ids, batch_size)
 
     def verdicts(self, contexts: Sequence[str | bytes], responses: Sequence[str | bytes],

@@ -154,6 +154,109 @@ def test_judge_config_is_validated():
         config_lib.validate(config)
 
 
+def test_canned_responses_keep_their_own_feedback_for_the_judge():
+    """With judge.label_canned the judge's policy is the run's without its ``canned`` rule, so a liked
+    safety deflection is a positive for the judge (the run's policy leaves it unlabeled for CRINGE);
+    without it the judge follows the run's policy."""
+    from bb3x_jax.data import schema
+    from bb3x_jax.modes import train_judge as judge_train
+    from configs import cringe
+
+    config = cringe.get_config()
+    liked_deflection = {"isSafetyControlledResponse": True, "isLiked": True, "isDisliked": False}
+    run_policy = judge_train.config_lib.feedback_policy(config)
+    assert run_policy.classify(liked_deflection) == (schema.UNLABELED, "canned")
+    policy = judge_train.judge_policy(config)
+    assert "canned" not in policy.order and policy.classify(liked_deflection) == (schema.POSITIVE, "like")
+    assert {k: v for k, v in policy.to_dict().items() if k != "order"} == {
+        k: v for k, v in run_policy.to_dict().items() if k != "order"}
+    config.judge.label_canned = False
+    assert judge_train.judge_policy(config) is None
+
+
+def _tiny_dialogue(tokenizer, seed: int = 3):
+    """A random tiny encoder-decoder with ``tokenizer``'s ids, and its parameters."""
+    from flax import nnx
+
+    from bb3x_jax.model import build
+    from bb3x_jax.model.config import ModelConfig
+
+    model_cfg = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_heads=2, ffn_dim=64, n_encoder_layers=1,
+                            n_decoder_layers=1, n_positions=32, pad_id=tokenizer.pad_id, start_id=tokenizer.start_id,
+                            end_id=tokenizer.end_id, decoder_start=(tokenizer.start_id,))
+    network = build.build(model_cfg, seed=seed)
+    return model_cfg, network, nnx.state(network, nnx.Param)
+
+
+def test_dialogue_classifier_reads_the_pair_as_the_dialogue_model_does(toy_tokenizer):
+    """The dialogue arch starts from the given network's exact parameters; its config survives a JSON
+    round trip (meta.json); a row is the framed context row then the framed label row (what the
+    dialogue model was trained on); logits are finite for real rows, an empty context and the
+    batch filler rows."""
+    import jax
+    from flax import nnx
+
+    from bb3x_jax.data import framing as framing_lib
+    from bb3x_jax.model import classifier
+
+    tok = toy_tokenizer
+    model_cfg, _, network_params = _tiny_dialogue(tok)
+    framing = framing_lib.Framing(text_truncate=20, label_truncate=10)
+    cfg = classifier.ClassifierConfig.for_dialogue(model_cfg, framing, dropout=0.1, pad_id=tok.pad_id,
+                                                   sep_id=tok.end_id)
+    assert cfg.max_len == 30 and cfg.dialogue.dropout == 0.1 and cfg.input_framing() == framing
+    assert classifier.ClassifierConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    model = classifier.build(cfg, 0, network_params)
+    for a, b in zip(jax.tree.leaves(nnx.state(model.network, nnx.Param)), jax.tree.leaves(network_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    contexts = ["apple cherry\n" * 8 + "grape lemon", "", "mango"]
+    responses = ["banana pear", "plum", " ".join(["red green"] * 10)]
+    rows = classifier.encode_rows(cfg, contexts, responses, tok)
+    assert rows.shape == (3, 30) and rows.dtype == np.int32
+    want_context = framing_lib.frame_context_rows(contexts, tok, framing).padded(3, 20, tok.pad_id)
+    want_label = framing_lib.frame_label_rows(responses, tok, framing).padded(3, 10, tok.pad_id)
+    np.testing.assert_array_equal(rows[:, :20], want_context)
+    np.testing.assert_array_equal(rows[:, 20:], want_label)
+    assert rows[0, 20 + len(tok.encode("banana pear"))] == tok.end_id and rows[2, -1] == tok.end_id  # end kept
+    logits = np.asarray(model(np.concatenate([rows, classifier.padding_rows(cfg, 2)])))
+    assert logits.shape == (5,) and np.isfinite(logits).all()
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        classifier.ClassifierConfig.for_dialogue(model_cfg.replace(arch="decoder_only", n_encoder_layers=0), framing,
+                                                 dropout=0.0, pad_id=tok.pad_id, sep_id=tok.end_id)
+
+
+def test_dialogue_classifier_trains_and_judges_batch_independently(toy_tokenizer):
+    """The dialogue arch learns the toy rule (the response has "banana") through the same training
+    step (its network's dropout streams reseeded per step), the same seed gives the same parameters,
+    and a judge's verdicts do not depend on the prediction batch size (filler rows change nothing)."""
+    import jax
+
+    from bb3x_jax.data import framing as framing_lib
+    from bb3x_jax.eval import judges
+    from bb3x_jax.model import classifier
+    from bb3x_jax.modes import train_judge as judge_train
+
+    tok = toy_tokenizer
+    model_cfg, _, _ = _tiny_dialogue(tok)
+    cfg = classifier.ClassifierConfig.for_dialogue(model_cfg, framing_lib.Framing(20, 10), dropout=0.1,
+                                                   pad_id=tok.pad_id, sep_id=tok.end_id)
+    rng = np.random.default_rng(1)
+    contexts, responses, labels = _toy_pairs(rng, 300)
+    ids = judges.encode_rows(cfg, contexts, responses, tok)
+    train = dict(steps=60, batch_size=32, learning_rate=3e-3, seed=0)
+    _, params, _, history = judge_train.train_classifier(cfg, ids, labels, **train)
+    assert history[-1]["loss"] < history[0]["loss"]
+    _, again, _, _ = judge_train.train_classifier(cfg, ids, labels, **train)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    judge = judges.FeedbackJudge(cfg, params, tok)
+    held_contexts, held_responses, held_labels = _toy_pairs(rng, 100)
+    verdicts = judge.verdicts(held_contexts, held_responses, batch_size=64)
+    accuracy = np.mean([(v == "good") == bool(y) for v, y in zip(verdicts, held_labels)])
+    assert accuracy > 0.9, accuracy
+    assert judge.verdicts(held_contexts[:9], held_responses[:9], batch_size=4) == verdicts[:9]
+
+
 # --- the mode end to end -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def judged(tmp_path_factory):
@@ -204,6 +307,15 @@ def test_train_judge_writes_the_judge_and_a_consistent_report(judged):
     assert truth["labelled"]["count"] + truth["unlabeled"]["count"] == truth["count"]
     assert sum(v["count"] for v in truth["called_bad_by_true_reason"].values()) == truth["count"]
     assert "agreement with synthetic.judge" in stdout
+    # The recall of every true bad reason is reported; together they make up the bad class's recall.
+    reasons = {k: v for k, v in truth["called_bad_by_true_reason"].items() if k != "good"}
+    assert sum(v["count"] for v in reasons.values()) == truth["bad"]
+    called_bad = sum(v["called_bad"] * v["count"] for v in reasons.values())
+    assert called_bad == pytest.approx(truth["confusion"]["bad_as_bad"])
+    for reason, v in reasons.items():
+        assert f"{reason:<19s}{v['count']:>7d}" in stdout and "(recall)" in stdout
+    assert 'precision of "bad"' in stdout and "(false alarms)" in stdout
+    assert train["relabelled"] >= 0 and json.load(open(os.path.join(directory, "meta.json")))["label_canned"] is True
     assert json.loads(stdout.strip().splitlines()[-1])["judge"] == directory
 
 
@@ -240,6 +352,67 @@ def test_same_seed_same_judge(judged, tmp_path):
     assert sorted(a.files) == sorted(b.files)
     for name in a.files:
         np.testing.assert_array_equal(a[name], b[name])
+
+
+# --- the mode from a dialogue model -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dialogue_judged(judged, tmp_path_factory):
+    """The mode with judge.init_from: a random tiny encoder-decoder saved as this project's checkpoint
+    with the run's tokenizer (a trained one is what the experiment uses; training one here is slow)."""
+    from bb3x_jax.data.tokenizers import files as tokenizer_files
+    from bb3x_jax.eval import judges
+    from bb3x_jax.model import api as model_api
+
+    workdir, _ = judged
+    root = tmp_path_factory.mktemp("dialogue_judge")
+    spec = tokenizer_files.read_bundle(os.path.join(workdir, "judge", "tokenizer"))
+    spec = tokenizer_files.TokenizerSpec(spec.kind, spec.files, spec.options, spec.opt, spec.source,
+                                         framing={"text_truncate": 24, "label_truncate": 12, "context": "plain",
+                                                  "label": "end_kept", "global_end_token": False})
+    model_cfg, network, _ = _tiny_dialogue(judges.load_judge(os.path.join(workdir, "judge")).tokenizer)
+    model_api.BB3Model(network, model_cfg, tokenizer_spec=spec).save_orbax(str(root / "model"))
+    again = str(root / "run")
+    shutil.copytree(workdir, again, ignore=shutil.ignore_patterns("judge"))
+    result = run_judge_mode(again, f"--config.judge.init_from={root / 'model'}", "--config.judge.steps=6")
+    return again, str(root / "model"), result.stdout
+
+
+def test_a_judge_from_a_dialogue_model_is_written_and_loads(dialogue_judged):
+    """With judge.init_from the mode fine-tunes the dialogue model: meta.json records the dialogue
+    arch (the model's config and framing), the report says where it started, and load_judge gives
+    the verdicts the evaluation's threshold gives."""
+    from bb3x_jax.eval import judges
+
+    workdir, model, stdout = dialogue_judged
+    directory = os.path.join(workdir, "judge")
+    meta = json.load(open(os.path.join(directory, "meta.json")))
+    assert meta["classifier"]["arch"] == "dialogue" and meta["classifier"]["dialogue"]["d_model"] == 32
+    assert meta["classifier"]["framing"]["text_truncate"] == 24 and meta["max_len"] == 36
+    report = json.load(open(os.path.join(directory, "report.json")))
+    assert report["train"]["init_from"].startswith(model) and f"from {model}" in stdout
+    judge = judges.load_judge(directory)
+    contexts = ["Hi!", "I love cooking.\nWhat do you cook?", ""]
+    responses = ["Hello! Do you like music?", "Mostly pasta.", "stupid idiot"]
+    verdicts = judge.verdicts(contexts, responses)
+    assert verdicts == ["good" if p > 0.5 else "bad" for p in judge.probabilities(contexts, responses, batch_size=2)]
+
+
+def test_init_from_must_share_the_runs_tokenizer(dialogue_judged, toy_tokenizer):
+    """A dialogue model whose tokenizer is not the run's is refused, naming judge.init_from; so is a
+    path without a model, with the hint to train one first."""
+    from bb3x_jax import config as config_lib
+    from bb3x_jax.modes import train_judge as judge_train
+    from configs import cringe
+
+    workdir, model, _ = dialogue_judged
+    config = cringe.get_config()
+    config.judge.init_from = model
+    pretrained = judge_train.load_pretrained(config, workdir)
+    with pytest.raises(config_lib.ConfigError, match="judge.init_from.*tokenizer"):
+        judge_train.pretrained_classifier(pretrained, config, toy_tokenizer)
+    config.judge.init_from = "workdir"
+    with pytest.raises(config_lib.ConfigError, match="judge.init_from.*train one first"):
+        judge_train.load_pretrained(config, os.path.join(workdir, "nothing_here"))
 
 
 # --- loading errors -------------------------------------------------------------------------------
