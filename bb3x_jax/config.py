@@ -196,7 +196,10 @@ def model_overrides(config: config_dict.ConfigDict) -> dict:
 _RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.init_from",
                       "train.trust_pickle", "checkpoint.", "eval.", "iterate.", "judge.", "bench.", "plan.",
                       "data_check.", "distributed.", "data.num_workers", "data.prefetch", "data.pipeline_workers",
-                      "data.dir", "mesh.")
+                      "data.dir", "mesh.",
+                      # the experiment script's own sections (configs/bb3x_table.py): what it runs, not
+                      # what a training trains (that reaches train.* and data.* before it starts)
+                      "baseline.", "control.", "sampled.", "experiment.")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -5,7 +5,8 @@ world in minutes on two cores, and extra sections read only by the
 experiment: ``baseline`` (how the stand-in for BB3 is trained: likelihood on all
 bot responses), ``control`` (the baseline trained on with likelihood for as many
 steps as the iterations take, so the table shows what CRINGE adds beyond more
-training) and ``sampled`` (every model also judged on sampled responses); the
+training), ``sampled`` (every model also graded on sampled responses) and
+``experiment`` (the seeds, and what labels the iterations' generations); the
 ``iterate`` section of the main config sets the CRINGE iterations.
 """
 
@@ -27,8 +28,9 @@ def get_config() -> config_dict.ConfigDict:
     config.eval.split = "test"  # the table: every test-split context (the valid split validates)
     config.eval.checkpoint = "latest"
     config.eval.generate_examples = 100_000
+    # The ground truth grades (eval.judge); what labels the iterations' generations is
+    # experiment.label_judge (the experiment sets iterate.judge from it).
     config.eval.judge = "synthetic"
-    config.iterate.judge = "synthetic"
     config.iterate.iterations = 3
     config.iterate.contexts = 2000
     config.iterate.steps = 300
@@ -45,4 +47,9 @@ def get_config() -> config_dict.ConfigDict:
     # CRINGE iterations on the same generated splits and steps, as further rows ('' -> none)
     config.control = config_dict.ConfigDict({"enabled": True, "same_data": ""})
     config.sampled = config_dict.ConfigDict({"enabled": True, "temperature": 1.0})
+    # seeds: each runs the whole experiment on its own world (data.synthetic.seed) and training
+    # (seed) in <workdir>/seed_<s>; the table reports mean ± sd. label_judge: classifier (the
+    # feedback classifier trained on the release's feedback, as the paper did) or synthetic (the
+    # ground truth labels too: an upper bound).
+    config.experiment = config_dict.ConfigDict({"seeds": (0, 1, 2), "label_judge": "classifier"})
     return config

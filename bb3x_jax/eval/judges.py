@@ -19,6 +19,7 @@ fingerprint, training settings), ``report.json`` (its metrics) and
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -93,7 +94,9 @@ def make_judge(config: config_dict.ConfigDict, workdir: str, which: str | None =
         return GroundTruthJudge()
     path = judge_path(config, workdir)
     judge = load_judge(path)
-    judge.name = f"feedback classifier {path}"  # the path as configured: recorded with what it labelled
+    # The path as configured and the weights' digest, recorded with what it labelled: a split
+    # labelled by a judge since retrained is refused instead of reused.
+    judge.name = f"feedback classifier {path} (weights {judge.digest[:12]})"
     return judge
 
 
@@ -170,8 +173,9 @@ class FeedbackJudge:
     bad_reasons = BAD_REASONS
 
     def __init__(self, cfg: classifier_lib.ClassifierConfig, params, tokenizer, meta: dict | None = None,
-                 directory: str = ""):
+                 directory: str = "", digest: str = ""):
         self.cfg = cfg
+        self.digest = digest  # sha256 of the weights file it was loaded from
         self.tokenizer = tokenizer
         self.meta = meta or {}
         self.directory = directory
@@ -248,6 +252,8 @@ def load_judge(directory: str) -> FeedbackJudge:
                              f"{cfg.vocab_size}")
     params_path = os.path.join(directory, PARAMS_FILE)
     try:
+        with open(params_path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
         with np.load(params_path) as arrays:
             flat = {k: arrays[k] for k in arrays.files}
         params = classifier_lib.unflat_params(classifier_lib.abstract_params(cfg), flat, where=params_path)
@@ -255,4 +261,4 @@ def load_judge(directory: str) -> FeedbackJudge:
         raise JudgeLoadError(f"{directory} is not a complete feedback classifier: {PARAMS_FILE} is missing") from None
     except (OSError, ValueError, EOFError) as error:
         raise JudgeLoadError(f"{params_path} is unreadable: {error}") from None
-    return FeedbackJudge(cfg, params, tokenizer, meta, directory)
+    return FeedbackJudge(cfg, params, tokenizer, meta, directory, digest)

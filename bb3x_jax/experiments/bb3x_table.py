@@ -2,32 +2,40 @@
 
 The paper's claim (BlenderBot 3x, Xu et al. 2023): a model trained by likelihood on
 the deployed bot's messages imitates their mixture of good and bad responses;
-CRINGE driven by the feedback, iterated on the model's own judged generations,
-raises the share of good responses at every iteration (85.3% -> 88.7% ->
-90.9% -> 94.4%). This script runs that recipe end to end on the synthetic
-release, on CPU, with ``configs/bb3x_table.py``:
+CRINGE driven by the feedback, iterated on the model's own generations labelled
+by a classifier trained on that feedback, raises the share of good responses at
+every iteration (85.3% -> 88.7% -> 90.9% -> 94.4%, graded by crowdworkers). This
+script runs that recipe end to end on the synthetic release, on CPU, with
+``configs/bb3x_table.py``, once per seed of ``experiment.seeds`` (the world's
+and the training's), each in ``<workdir>/seed_<s>/``:
 
 1. **baseline** (BB3's stand-in): ``baseline.objective`` (likelihood on every
    bot response) for ``baseline.steps`` steps from random weights;
-2. **CRINGE iterations 1..N**: ``--mode=iterate`` from the baseline (generate
-   with BB3's beam on training contexts, judge, balance, train, evaluate);
-3. **control** (``control.enabled``): the baseline trained on by likelihood for
-   as many steps as all iterations together, so the table separates what
-   CRINGE adds from what more training adds;
-   and (``control.same_data``) each named objective trained like the
-   iterations on CRINGE's own generated splits, same steps (e.g.
-   ``mle_positive_only``: rejection sampling; ``unlikelihood``);
-4. **sampled evaluation** (``sampled.enabled``): every model also judged on
+2. **judge** (``experiment.label_judge=classifier``): the feedback classifier
+   of ``--mode=train_judge``, fine-tuned from the baseline on the release's own
+   likes, dislikes and crowdworker labels, and scored against the ground truth
+   on the valid split;
+3. **CRINGE iterations 1..N**: ``--mode=iterate`` from the baseline (generate
+   with BB3's beam on training contexts, label with the judge, balance, train,
+   evaluate);
+4. **controls** (``control.enabled``): the baseline trained on by likelihood for
+   as many steps as all iterations together; and (``control.same_data``) each
+   named objective trained like the iterations on CRINGE's own generated splits,
+   same steps (``mle_positive_only``: rejection sampling; ``unlikelihood``);
+5. **sampled evaluation** (``sampled.enabled``): every model also graded on
    sampled responses (temperature ``sampled.temperature``), which show the
-   learned distribution where beam search shows only its mode;
+   learned distribution where beam search shows only its mode.
 
-and writes ``bb3x_table.md`` (the paper's Table 9 layout: the good-response
-rate and every bad reason per model, judged by the world's ground truth on
-every context of ``eval.split``), ``bb3x_table.png`` (bar chart) and
-``bb3x_table.json`` (rows, goals, stage timings). Every stage reuses what a
-previous (interrupted) run finished with the same settings, so running it again
-continues; a finished training made with other settings is refused, naming the
-setting, and an evaluation made otherwise is made again.
+The synthetic world's ground truth plays the crowdworkers: it grades every
+model on every context of ``eval.split`` and labels nothing that is trained on
+(``experiment.label_judge=synthetic`` makes it the labeller too: an upper
+bound, marked as such). The script writes ``bb3x_table.md`` (Table 9's layout,
+mean +- standard deviation over the seeds), ``bb3x_table.png`` and
+``bb3x_table.json`` (config, labeller, grader, seeds, goals, every cell and
+every seed's value), and exits 0 only when every goal holds. Every stage reuses
+what a previous (interrupted) run finished with the same settings, so running
+it again continues; a finished training made with other settings is refused,
+naming the setting, and an evaluation or judge made otherwise is made again.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import statistics
 import sys
 import textwrap
 import time
@@ -46,7 +55,9 @@ from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
 from bb3x_jax import config as config_lib
-from bb3x_jax.modes import iterate
+from bb3x_jax import errors
+from bb3x_jax.eval import judges
+from bb3x_jax.modes import iterate, train_judge
 from bb3x_jax.modes import train as loop
 from bb3x_jax.train import stages
 
@@ -54,9 +65,27 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/bb3x_table.py", "Ex
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/bb3x_table", "Where the experiment writes everything.")
 
-GOAL_POINTS = 5.0  # iteration N must be this many points above the baseline
-CONTROL_POINTS = 3.0  # ... and this many above every control
+GAIN_POINTS = 8.0  # the last iteration's mean beam good rate must be this many points above the baseline's
+CONTROL_POINTS = 3.0  # ... and this many above every control's
+SAMPLED_GOOD_POINTS = 3.0  # sampled good: last iteration >= baseline + this
+SAMPLED_NONSENSE_POINTS = 2.0  # sampled nonsensical: last iteration <= baseline + this
+JUDGE_BALANCED_ACCURACY = 85.0  # the labeller's balanced accuracy (%) on the valid split vs the ground truth
 GOALS_MISSED_STATUS = 3  # exit status when the run finished but missed a goal (a crash exits 1)
+GRADER = "the synthetic world's ground truth (synthetic.judge), on every context of the eval split"
+JUDGE_SPLIT = "valid"
+
+
+def seed_config(config: config_dict.ConfigDict, seed: int) -> config_dict.ConfigDict:
+    """The experiment for one seed: the world (``data.synthetic.seed``) and the training
+    (``seed``); the iterations labelled by ``experiment.label_judge``, every model graded by the
+    ground truth."""
+    cfg = copy.deepcopy(config)
+    with cfg.unlocked():
+        cfg.seed = seed
+        cfg.data.synthetic.seed = seed
+        cfg.iterate.judge = cfg.experiment.label_judge
+        cfg.eval.judge = "synthetic"
+    return config_lib.validate(cfg)
 
 
 def baseline_config(config: config_dict.ConfigDict, workdir: str) -> config_dict.ConfigDict:
@@ -71,21 +100,80 @@ def control_config(config: config_dict.ConfigDict, workdir: str, start: str) -> 
     })
 
 
-def _timed(timings: dict[str, float], name: str, fn, *args, **kwargs):
-    started = time.perf_counter()
-    out = fn(*args, **kwargs)
-    timings[name] = round(time.perf_counter() - started, 1)
-    return out
+def label_judge_description(config: config_dict.ConfigDict) -> str:
+    if config.experiment.label_judge == "synthetic":
+        return ("the synthetic world's ground truth (an oracle that also grades: an upper bound, not the "
+                "paper's setting)")
+    j = config.judge
+    start = "each seed's baseline" if j.init_from == "workdir" else (j.init_from or "random weights")
+    return (f"feedback classifier (--mode=train_judge) trained on the release's own feedback only, "
+            f"from {start}, {j.steps} steps")
 
 
-def run_experiment(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
+class Stages:
+    """Runs and times one seed's stages, printing a progress line as each ends."""
+
+    def __init__(self, seed: int):
+        self.seed, self.timings = seed, {}
+
+    def __call__(self, name: str, fn, *args, **kwargs):
+        started = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.timings[name] = round(time.perf_counter() - started, 1)
+        print(f"[seed {self.seed}] {name}: {self.timings[name]:.0f} s", flush=True)
+        return out
+
+
+def judge_stage(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
+    """The feedback classifier of this seed, trained from the baseline unless one made with the same
+    settings from the same baseline exists; returns its agreement with the ground truth on the
+    valid split."""
+    cfg = iterate.derived_config(config, workdir, {"eval.split": JUDGE_SPLIT})
+    directory = judges.judge_path(cfg, workdir)
+    settings = {key: value for key, value in cfg.judge.to_dict().items() if key != "path"}
+    expected = {"judge": settings, "seed": cfg.seed, "eval_split": JUDGE_SPLIT,
+                "baseline": os.path.relpath(iterate.latest_checkpoint(workdir), workdir)}
+    stage_path = os.path.join(workdir, "judge_stage.json")
+    report_path = os.path.join(directory, judges.REPORT_FILE)
+    made = json.load(open(stage_path)) if os.path.exists(stage_path) else None
+    if made == expected and os.path.exists(report_path):
+        with open(report_path) as f:
+            report = json.load(f)
+    else:
+        report = train_judge.run(cfg, workdir)
+        with open(stage_path, "w") as f:
+            json.dump(expected, f, indent=1)
+    return judge_summary(report)
+
+
+def judge_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """Percentages of the judge against the ground truth on every bot response of the valid split:
+    accuracy, balanced accuracy, always-good's accuracy, precision and recall on bad responses, and
+    the recall of each bad reason."""
+    truth = report["ground_truth"]
+    by_reason = truth["called_bad_by_true_reason"]
+    pct = lambda x: None if x is None else round(100 * x, 2)  # noqa: E731
+    return {
+        "examples": truth["count"], "accuracy": pct(truth["accuracy"]),
+        "balanced_accuracy": pct(truth["balanced_accuracy"]),
+        "always_good_accuracy": pct(truth["good"] / truth["count"] if truth["count"] else None),
+        "precision_bad": pct(truth["precision_bad"]), "recall_bad": pct(truth["recall_bad"]),
+        "recall_bad_by_reason": {r: pct(v["called_bad"]) for r, v in by_reason.items() if r in REASON_ORDER},
+        "good_called_bad": pct(by_reason["good"]["called_bad"]) if "good" in by_reason else None,
+        "train_labelled": report["train"]["labelled"],
+    }
+
+
+def run_seed(config: config_dict.ConfigDict, workdir: str, seed: int) -> dict[str, Any]:
+    """Every stage for one seed in ``workdir``; its rows (one per model, graded by the ground truth),
+    the judge's scores and the stage timings, also written to ``<workdir>/seed_result.json``."""
     os.makedirs(workdir, exist_ok=True)
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
+    stage = Stages(seed)
     base = baseline_config(config, workdir)
     if not stages.training_finished(base, workdir, workdir):
-        _timed(timings, "baseline_train", loop.run, base, workdir)
-    rows = _timed(timings, "iterations", iterate.run, config, workdir)
+        stage("baseline_train", loop.run, base, workdir)
+    judge = stage("judge", judge_stage, config, workdir) if config.experiment.label_judge == "classifier" else None
+    rows = stage("iterations", iterate.run, config, workdir)
     labels = ["BB3 stand-in (baseline, " + config.baseline.objective + ")"]
     labels += [f"BB3x CRINGE iteration {r['iteration']}" for r in rows[1:]]
     table_rows = [dict(row, name=name) for row, name in zip(rows, labels)]
@@ -93,33 +181,94 @@ def run_experiment(config: config_dict.ConfigDict, workdir: str) -> dict[str, An
         control_dir = os.path.join(workdir, "control")
         cfg = control_config(config, workdir, rows[0]["model"])
         if not stages.training_finished(cfg, control_dir, workdir):
-            _timed(timings, "control_train", loop.run, cfg, control_dir)
-        evaluation = _timed(timings, "control_eval", iterate.evaluation, cfg, control_dir)
+            stage("control_train", loop.run, cfg, control_dir)
+        evaluation = stage("control_eval", iterate.evaluation, cfg, control_dir)
         row = iterate.result_row(0, iterate.latest_checkpoint(control_dir), evaluation, None)
         table_rows.append(dict(row, iteration=None,
                                name=f"control: baseline + {cfg.train.steps} more {cfg.train.objective} steps"))
     for objective in same_data_objectives(config):
-        table_rows.append(_timed(timings, f"control_{objective}", same_data_control, config, workdir, objective,
-                                 rows[0]["model"]))
+        table_rows.append(stage(f"control_{objective}", same_data_control, config, workdir, objective,
+                                rows[0]["model"]))
     if config.sampled.enabled:
-        _timed(timings, "sampled_eval", add_sampled_evaluations, config, workdir, table_rows)
-    goals = check_goals(rows, [r for r in table_rows if r.get("iteration") is None])
+        stage("sampled_eval", add_sampled_evaluations, config, workdir, table_rows)
+    result = {"seed": seed, "rows": table_rows, "judge": judge, "timings_s": stage.timings}
+    with open(os.path.join(workdir, "seed_result.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def run_experiment(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
+    os.makedirs(workdir, exist_ok=True)
+    started = time.perf_counter()
+    seeds = list(config.experiment.seeds)
+    per_seed = [run_seed(seed_config(config, s), os.path.join(workdir, f"seed_{s}"), s) for s in seeds]
+    rows = aggregate(per_seed)
+    judge = [r["judge"] for r in per_seed] if config.experiment.label_judge == "classifier" else None
+    checked = check_goals(rows, judge)
     result = {
-        "rows": table_rows, "goals": goals, "timings_s": timings,
-        "wall_s": round(time.perf_counter() - started, 1),
-        "eval_split": config.eval.split, "config": json.loads(config.to_json_best_effort()),
+        "label_judge": label_judge_description(config), "grader": GRADER, "seeds": seeds,
+        "goals": checked["goals"], "goal_lines": checked["lines"], "gain_points": checked["gain_points"],
+        "control_margins_points": checked["control_margins_points"], "rows": rows,
+        "judge": None if judge is None else {"split": JUDGE_SPLIT, "per_seed": judge, **judge_means(judge)},
+        "eval_split": config.eval.split, "timings_s": {str(r["seed"]): r["timings_s"] for r in per_seed},
+        "wall_s": round(time.perf_counter() - started, 1), "config": json.loads(config.to_json_best_effort()),
     }
     with open(os.path.join(workdir, "bb3x_table.json"), "w") as f:
         json.dump(result, f, indent=1)
-    table = format_table(table_rows)
+    text = format_report(result)
     with open(os.path.join(workdir, "bb3x_table.md"), "w") as f:
-        f.write(table + "\n")
-    plot(table_rows, os.path.join(workdir, "bb3x_table.png"))
-    print(table)
-    for line in goals["lines"]:
-        print(line)
-    print(json.dumps({k: result[k] for k in ("goals", "timings_s", "wall_s")}))
+        f.write(text + "\n")
+    plot(rows, os.path.join(workdir, "bb3x_table.png"), len(seeds))
+    print(text)
+    print(json.dumps({k: result[k] for k in ("goals", "wall_s")}))
     return result
+
+
+def _stat(name: str, values: list[float]) -> dict[str, float | None]:
+    """``<name>_mean`` and ``<name>_sd`` (the sample standard deviation; None for one seed), in points."""
+    sd = statistics.stdev(values) if len(values) > 1 else None
+    return {f"{name}_mean": round(statistics.fmean(values), 2), f"{name}_sd": None if sd is None else round(sd, 2)}
+
+
+def aggregate(per_seed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per model over the seeds (percentages): mean and standard deviation of the beam and
+    sampled good rates and the sampled nonsensical share, the mean of each beam bad reason and F1,
+    and every seed's own values."""
+    names = [r["name"] for r in per_seed[0]["rows"]]
+    for result in per_seed[1:]:
+        if [r["name"] for r in result["rows"]] != names:
+            raise ValueError(f"seed {result['seed']} has other models than seed {per_seed[0]['seed']}")
+    out = []
+    for i, name in enumerate(names):
+        cells = [result["rows"][i] for result in per_seed]
+        seeds = [{"seed": result["seed"], "checkpoint": cell["model"], "beam_good": round(100 * cell["good_rate"], 2),
+                  "f1": cell["f1"]} for result, cell in zip(per_seed, cells)]
+        row = {"model": name, "iteration": cells[0].get("iteration"),
+               **_stat("beam_good", [s["beam_good"] for s in seeds]),
+               "beam_reasons_mean": {r: round(statistics.fmean(100 * c["reasons"].get(r, 0.0) for c in cells), 2)
+                                     for r in REASON_ORDER},
+               "f1_mean": round(statistics.fmean(c["f1"] for c in cells), 4)}
+        if all("sampled" in c for c in cells):
+            for s, c in zip(seeds, cells):
+                s["sampled_good"] = round(100 * c["sampled"]["good_rate"], 2)
+                s["sampled_nonsensical"] = round(100 * c["sampled"]["reasons"].get("nonsensical", 0.0), 2)
+            row.update(_stat("sampled_good", [s["sampled_good"] for s in seeds]))
+            row.update(_stat("sampled_nonsensical", [s["sampled_nonsensical"] for s in seeds]))
+        row["per_seed"] = seeds
+        out.append(row)
+    return out
+
+
+def judge_means(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = ("accuracy", "balanced_accuracy", "always_good_accuracy", "precision_bad", "recall_bad")
+    means = {f"{k}_mean": round(statistics.fmean(j[k] for j in per_seed), 2) for k in keys}
+    if len(per_seed) > 1:
+        means["balanced_accuracy_sd"] = round(statistics.stdev(j["balanced_accuracy"] for j in per_seed), 2)
+    reasons = sorted({r for j in per_seed for r in j["recall_bad_by_reason"]})
+    means["recall_bad_by_reason_mean"] = {
+        r: round(statistics.fmean(j["recall_bad_by_reason"][r] for j in per_seed if r in j["recall_bad_by_reason"]), 2)
+        for r in reasons}
+    return means
 
 
 def same_data_objectives(config: config_dict.ConfigDict) -> list[str]:
@@ -177,54 +326,117 @@ def add_sampled_evaluations(config: config_dict.ConfigDict, workdir: str, rows: 
         row["sampled"] = {"good_rate": gen["good_rate"], "reasons": gen["reasons"], "examples": gen["examples"]}
 
 
-def check_goals(rows: list[dict[str, Any]], controls: list[dict[str, Any]] = ()) -> dict[str, Any]:
-    """The experiment's goals: good rate up at every iteration, the last >= baseline + 5 points and
-    >= every control + ``CONTROL_POINTS``."""
-    good = [100 * r["good_rate"] for r in rows]
-    every = all(b > a for a, b in zip(good, good[1:]))
+def check_goals(rows: list[dict[str, Any]], judge: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The goals on the seeds' means: beam good up at every iteration, the last >= baseline +
+    ``GAIN_POINTS`` and by more than two standard deviations (the larger of the two cells'), >= every
+    control + ``CONTROL_POINTS``; sampled good >= baseline + ``SAMPLED_GOOD_POINTS`` and sampled
+    nonsense <= baseline + ``SAMPLED_NONSENSE_POINTS``; the labelling judge's balanced accuracy >=
+    ``JUDGE_BALANCED_ACCURACY`` and its accuracy above always-good's. ``goals`` maps each name to
+    true or false; ``lines`` says each with its numbers."""
+    iterations = [r for r in rows if r.get("iteration") is not None]
+    controls = [r for r in rows if r.get("iteration") is None]
+    base, last = iterations[0], iterations[-1]
+    good = [r["beam_good_mean"] for r in iterations]
     gain = good[-1] - good[0]
-    margins = {c["name"]: round(good[-1] - 100 * c["good_rate"], 2) for c in controls}
-    beaten = all(m >= CONTROL_POINTS for m in margins.values())
+    spread = None if base["beam_good_sd"] is None or last["beam_good_sd"] is None else max(
+        base["beam_good_sd"], last["beam_good_sd"])
+    yes = lambda ok: "yes" if ok else "NO"  # noqa: E731
+    goals = {
+        "beam_good_rises_every_iteration": all(b > a for a, b in zip(good, good[1:])),
+        f"last_iteration_at_least_baseline_plus_{GAIN_POINTS:g}": gain >= GAIN_POINTS,
+        "gain_exceeds_two_sd": spread is not None and gain > 2 * spread,
+    }
     lines = [
-        f"goal: better at every iteration: {'yes' if every else 'NO'} ({' -> '.join(f'{g:.1f}' for g in good)})",
-        f"goal: last iteration >= baseline + {GOAL_POINTS:g} points: {'yes' if gain >= GOAL_POINTS else 'NO'} "
-        f"({gain:+.1f} points)",
+        f"goal: beam good rises at every iteration: {yes(goals['beam_good_rises_every_iteration'])} "
+        f"({' -> '.join(f'{g:.1f}' for g in good)})",
+        f"goal: last iteration >= baseline + {GAIN_POINTS:g} points: "
+        f"{yes(gain >= GAIN_POINTS)} ({gain:+.1f} points)",
+        f"goal: gain > 2 standard deviations: {yes(goals['gain_exceeds_two_sd'])} "
+        f"({gain:+.1f} against 2 x {'n/a (one seed)' if spread is None else f'{spread:.1f}'})",
     ]
+    margins = {c["model"]: round(good[-1] - c["beam_good_mean"], 2) for c in controls}
     if controls:
+        goals[f"beats_every_control_by_{CONTROL_POINTS:g}"] = all(m >= CONTROL_POINTS for m in margins.values())
         lines.append(f"goal: last iteration >= every control + {CONTROL_POINTS:g} points: "
-                     f"{'yes' if beaten else 'NO'} (" + "; ".join(f"{n}: {m:+.1f}" for n, m in margins.items()) + ")")
-    return {"every_iteration_better": every, "gain_points": round(gain, 2), "gain_goal_met": gain >= GOAL_POINTS,
-            "control_margins_points": margins, "controls_beaten": beaten, "lines": lines}
+                     f"{yes(goals[f'beats_every_control_by_{CONTROL_POINTS:g}'])} ("
+                     + "; ".join(f"{n}: {m:+.1f}" for n, m in margins.items()) + ")")
+    if "sampled_good_mean" in last and "sampled_good_mean" in base:
+        good_gain = last["sampled_good_mean"] - base["sampled_good_mean"]
+        nonsense_gain = last["sampled_nonsensical_mean"] - base["sampled_nonsensical_mean"]
+        goals[f"sampled_good_at_least_baseline_plus_{SAMPLED_GOOD_POINTS:g}"] = good_gain >= SAMPLED_GOOD_POINTS
+        goals[f"sampled_nonsensical_at_most_baseline_plus_{SAMPLED_NONSENSE_POINTS:g}"] = (
+            nonsense_gain <= SAMPLED_NONSENSE_POINTS)
+        lines.append(f"goal: sampled good >= baseline + {SAMPLED_GOOD_POINTS:g} points: "
+                     f"{yes(good_gain >= SAMPLED_GOOD_POINTS)} ({base['sampled_good_mean']:.1f} -> "
+                     f"{last['sampled_good_mean']:.1f}, {good_gain:+.1f})")
+        lines.append(f"goal: sampled nonsensical <= baseline + {SAMPLED_NONSENSE_POINTS:g} points: "
+                     f"{yes(nonsense_gain <= SAMPLED_NONSENSE_POINTS)} ({base['sampled_nonsensical_mean']:.1f} -> "
+                     f"{last['sampled_nonsensical_mean']:.1f}, {nonsense_gain:+.1f})")
+    if judge:
+        means = judge_means(judge)
+        balanced, accuracy = means["balanced_accuracy_mean"], means["accuracy_mean"]
+        goals[f"judge_balanced_accuracy_at_least_{JUDGE_BALANCED_ACCURACY:g}"] = balanced >= JUDGE_BALANCED_ACCURACY
+        goals["judge_accuracy_above_always_good"] = accuracy > means["always_good_accuracy_mean"]
+        lines.append(f"goal: judge balanced accuracy >= {JUDGE_BALANCED_ACCURACY:g}% ({JUDGE_SPLIT} split): "
+                     f"{yes(balanced >= JUDGE_BALANCED_ACCURACY)} ({balanced:.1f}%)")
+        lines.append(f"goal: judge accuracy above always-good: "
+                     f"{yes(goals['judge_accuracy_above_always_good'])} ({accuracy:.1f}% against "
+                     f"{means['always_good_accuracy_mean']:.1f}%)")
+    return {"goals": goals, "lines": lines, "gain_points": round(gain, 2), "control_margins_points": margins}
 
 
-def goals_met(goals: dict[str, Any]) -> bool:
-    return goals["every_iteration_better"] and goals["gain_goal_met"] and goals.get("controls_beaten", True)
+def goals_met(goals: dict[str, bool]) -> bool:
+    return all(goals.values())
 
 
 REASON_ORDER = ("inappropriate", "nonsensical", "off_topic", "ignoring_last_turn", "repeating")
 
 
+def _cell(mean: float | None, sd: float | None) -> str:
+    if mean is None:
+        return ""
+    return f"{mean:.1f}" if sd is None else f"{mean:.1f} ± {sd:.1f}"
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Table 9's layout: one row per model, good % then each bad reason's % (beam search), F1, and
-    with sampled evaluations the sampled good % and nonsensical %."""
-    sampled = all("sampled" in row for row in rows)
+    """Table 9's layout: one row per model, good % (mean ± sd over the seeds) then each bad reason's
+    mean % (beam search), F1, and with sampled evaluations the sampled good % and nonsensical %."""
+    sampled = all("sampled_good_mean" in row for row in rows)
     head = ["Model", "Good %"] + [r.replace("_", " ") + " %" for r in REASON_ORDER] + ["F1"]
     head += ["sampled: good %", "sampled: nonsensical %"] if sampled else []
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for row in rows:
-        cells = [row["name"], f"{100 * row['good_rate']:.1f}"]
-        cells += [f"{100 * row['reasons'].get(r, 0.0):.1f}" for r in REASON_ORDER]
-        cells.append(f"{row['f1']:.3f}")
+        cells = [row["model"], _cell(row["beam_good_mean"], row["beam_good_sd"])]
+        cells += [f"{row['beam_reasons_mean'][r]:.1f}" for r in REASON_ORDER]
+        cells.append(f"{row['f1_mean']:.3f}")
         if sampled:
-            cells += [f"{100 * row['sampled']['good_rate']:.1f}",
-                      f"{100 * row['sampled']['reasons'].get('nonsensical', 0.0):.1f}"]
+            cells += [_cell(row["sampled_good_mean"], row["sampled_good_sd"]),
+                      _cell(row["sampled_nonsensical_mean"], row["sampled_nonsensical_sd"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], path: str) -> str | None:
-    """Bars: good % per model, beam search and sampled (left); each bad reason's % per model under
-    beam search (right)."""
+def format_report(result: dict[str, Any]) -> str:
+    """The table with what labelled and what graded it, the judge's scores and the goals."""
+    seeds = ", ".join(str(s) for s in result["seeds"])
+    parts = [format_table(result["rows"]), "",
+             f"Seeds {seeds}: mean ± standard deviation of the percentage per model.",
+             f"Labels of the iterations' generations: {result['label_judge']}.",
+             f"Graded by {result['grader']} ({result['eval_split']})."]
+    judge = result.get("judge")
+    if judge:
+        reasons = ", ".join(f"{r.replace('_', ' ')} {v:.0f}%" for r, v in judge["recall_bad_by_reason_mean"].items())
+        parts.append(f"The labelling judge on the {judge['split']} split against the ground truth (mean over the "
+                     f"seeds): accuracy {judge['accuracy_mean']:.1f}% (always-good "
+                     f"{judge['always_good_accuracy_mean']:.1f}%), balanced accuracy "
+                     f"{judge['balanced_accuracy_mean']:.1f}%, precision on bad {judge['precision_bad_mean']:.1f}%, "
+                     f"recall on bad {judge['recall_bad_mean']:.1f}% (by reason: {reasons}).")
+    return "\n".join(parts + [""] + result["goal_lines"])
+
+
+def plot(rows: list[dict[str, Any]], path: str, seeds: int) -> str | None:
+    """Bars: mean good % per model with the seeds' standard deviation, beam search and sampled
+    (left); each bad reason's mean % per model under beam search (right)."""
     try:
         import matplotlib  # deferred: slow to import, only the plot needs it
 
@@ -234,32 +446,32 @@ def plot(rows: list[dict[str, Any]], path: str) -> str | None:
         logging.warning("matplotlib is not installed: no chart")
         return None
 
-    names = [textwrap.fill(r["name"].replace("BB3x CRINGE ", "CRINGE "), 16) for r in rows]
+    names = [textwrap.fill(r["model"].replace("BB3x CRINGE ", "CRINGE "), 16) for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 3]})
-    good = [100 * r["good_rate"] for r in rows]
-    colors = ["#888888"] + ["#2b7bba"] * (len(rows) - 1)
-    if rows[-1].get("iteration") is None:  # the control
-        colors[-1] = "#d08c2a"
+    colors = ["#888888" if r.get("iteration") == 0 else "#d08c2a" if r.get("iteration") is None else "#2b7bba"
+              for r in rows]
     positions = np.arange(len(rows), dtype=float)
-    sampled = all("sampled" in row for row in rows)
-    offset = 0.2 if sampled else 0.0
-    bars = left.bar(positions - offset, good, 0.4 if sampled else 0.8, color=colors, label="beam search (BB3)")
+    sampled = all("sampled_good_mean" in row for row in rows)
+    offset, width = (0.2, 0.4) if sampled else (0.0, 0.8)
+    sd = lambda key: [r[key] or 0.0 for r in rows] if seeds > 1 else None  # noqa: E731
+    bars = left.bar(positions - offset, [r["beam_good_mean"] for r in rows], width, color=colors,
+                    yerr=sd("beam_good_sd"), capsize=3, label="beam search (BB3)")
     left.bar_label(bars, fmt="%.1f", fontsize=7)
     if sampled:
-        bars = left.bar(positions + offset, [100 * r["sampled"]["good_rate"] for r in rows], 0.4, color=colors,
-                        alpha=0.45, hatch="//", label="sampled (temperature 1)")
+        bars = left.bar(positions + offset, [r["sampled_good_mean"] for r in rows], width, color=colors, alpha=0.45,
+                        hatch="//", yerr=sd("sampled_good_sd"), capsize=3, label="sampled (temperature 1)")
         left.bar_label(bars, fmt="%.1f", fontsize=7)
         left.legend(fontsize=7, loc="lower right")
     left.set_xticks(positions, names, fontsize=7)
-    left.set_ylabel("good responses (%)")
+    left.set_ylabel(f"good responses (%), mean of {seeds} seed{'s' if seeds > 1 else ''}")
     left.set_ylim(0, 100)
-    left.set_title("judged good (synthetic world's ground truth)")
-    width = 0.8 / len(rows)
+    left.set_title("graded by the synthetic world's ground truth")
+    bar = 0.8 / len(rows)
     x = np.arange(len(REASON_ORDER))
     for i, (row, name) in enumerate(zip(rows, names)):
-        right.bar(x + i * width, [100 * row["reasons"].get(r, 0.0) for r in REASON_ORDER], width,
-                  label=name.replace("\n", " "), color=colors[i] if i == 0 or row.get("iteration") is None else None)
-    right.set_xticks(x + width * (len(rows) - 1) / 2, [r.replace("_", " ") for r in REASON_ORDER])
+        right.bar(x + i * bar, [row["beam_reasons_mean"][r] for r in REASON_ORDER], bar,
+                  label=name.replace("\n", " "), color=colors[i] if row.get("iteration") in (0, None) else None)
+    right.set_xticks(x + bar * (len(rows) - 1) / 2, [r.replace("_", " ") for r in REASON_ORDER])
     right.set_ylabel("share of responses (%)")
     right.set_title("bad responses by reason (beam search)")
     right.legend(fontsize=7)
@@ -269,18 +481,33 @@ def plot(rows: list[dict[str, Any]], path: str) -> str | None:
     return path
 
 
+def validate_experiment(config: config_dict.ConfigDict) -> None:
+    """The experiment's own sections, checked before anything runs (one line each)."""
+    for section in ("baseline", "control", "sampled", "experiment"):
+        if section not in config:
+            raise config_lib.ConfigError(section, "missing: use configs/bb3x_table.py or a config built on it")
+    seeds = list(config.experiment.seeds)
+    if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise config_lib.ConfigError("experiment.seeds", f"{tuple(seeds)!r} is not a tuple of distinct seeds >= 0")
+    if config.experiment.label_judge not in ("classifier", "synthetic"):
+        raise config_lib.ConfigError("experiment.label_judge",
+                                     f"{config.experiment.label_judge!r} is not classifier or synthetic")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = config_lib.validate(_CONFIG.value)
-    for section in ("baseline", "control", "sampled"):
-        if section not in config:
-            raise config_lib.ConfigError(section, "missing: use configs/bb3x_table.py or a config built on it")
-
-    tfds.disable_progress_bar()
-    result = run_experiment(config, _WORKDIR.value)
-    goals = result["goals"]
-    sys.exit(0 if goals_met(goals) else GOALS_MISSED_STATUS)
+    try:
+        config = config_lib.validate(_CONFIG.value)
+        validate_experiment(config)
+        tfds.disable_progress_bar()
+        result = run_experiment(config, _WORKDIR.value)
+    except (errors.UserError, FileNotFoundError) as error:  # what the user fixes: one line, exit 2
+        if os.environ.get("BB3X_DEBUG"):
+            raise
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(0 if goals_met(result["goals"]) else GOALS_MISSED_STATUS)
 
 
 if __name__ == "__main__":

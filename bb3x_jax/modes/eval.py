@@ -41,12 +41,15 @@ def generation_metrics(config: config_dict.ConfigDict, trained: runtime.TrainedN
     setup = trained.setup
     examples = spread_examples(dataset.source(setup.built, split), config.eval.generate_examples)
     judge = judges.make_judge(config, setup.workdir)
-    return generation_eval.evaluate_generations(
+    result = generation_eval.evaluate_generations(
         trained.network, setup.tokenizer, examples, config_lib.generation_settings(config),
         framing=setup.framing, batch_size=config.eval.generate_batch,
         judge=None if judge is None else judge.verdicts, reasons=() if judge is None else judge.bad_reasons,
         seed=config.seed,
-    ), examples
+    )
+    if judge is not None:
+        result["judge"] = judge.name  # what graded them
+    return result, examples
 
 
 def run(config: config_dict.ConfigDict, workdir: str, *, checkpoints_dir: str | None = None) -> dict[str, Any]:

@@ -58,7 +58,7 @@ def _align_paths(saved: dict[str, Any], now: dict[str, Any], workdir: str) -> di
         train["init_from"] = now["train"]["init_from"]
     old_splits, new_splits = list(data.get("extra_train") or ()), list(now["data"].get("extra_train") or ())
     if len(old_splits) == len(new_splits) and all(_same_place(a, b, workdir) for a, b in zip(old_splits, new_splits)):
-        data["extra_train"] = new_splits
+        data["extra_train"] = now["data"].get("extra_train")  # none, or the same splits: as now writes them
     return saved
 
 
