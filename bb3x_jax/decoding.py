@@ -149,9 +149,25 @@ def search(graphdef, state, context_ids, key, *, settings: Settings):
 # ---------------------------------------------------------------- the prompt
 
 
-def _prefill(network, context_ids, max_len: int):
-    """Logits [N, V] for the first generated token, the cache, and the context as
-    the decoder saw it (for context blocking)."""
+def _prefill(network, context_ids, max_len: int, copies: int = 1):
+    """Logits [N, V] for the first generated token, the cache (its encoder keys/values
+    apart, see ``_loop_cache``), those keys/values, and the context as the decoder saw
+    it (for context blocking); every row repeated ``copies`` times.
+
+    The prompt is computed once per context and then copied: the beams of one
+    example share it, so encoding every beam's copy would repeat the largest
+    part of a short search's work ``copies`` times.
+    """
+    logits, cache, context = _prompt(network, context_ids, max_len)
+    if copies > 1:
+        logits, context = jnp.repeat(logits, copies, axis=0), jnp.repeat(context, copies, axis=0)
+        cache = _repeat_cache(cache, copies, network.cfg.scan_layers)
+    cache, cross = _loop_cache(cache, network.cfg.scan_layers)
+    return logits, cache, cross, context
+
+
+def _prompt(network, context_ids, max_len: int):
+    """``_prefill`` for one copy of each row, with the cache as the model holds it."""
     cfg = network.cfg
     n = context_ids.shape[0]
     if cfg.arch == "encoder_decoder":
@@ -171,6 +187,72 @@ def _prefill(network, context_ids, max_len: int):
         return logits[:, -1], cache, context
     logits, cache = network.decode_cached(prompt, cache)
     return logits[:, -1], cache, context
+
+
+def _repeat_cache(cache: dict, copies: int, stacked: bool) -> dict:
+    """Every row of a cache (``Transformer.init_cache``'s layout) repeated ``copies`` times, in place."""
+    layer_axis = 1 if stacked else 0  # stacked entries lead with the layer axis
+
+    def rows(x, axis=0):
+        return None if x is None else jnp.repeat(x, copies, axis=axis)
+
+    return {**cache, "layers": jax.tree.map(lambda x: rows(x, layer_axis), cache["layers"]),
+            "valid": rows(cache["valid"]), "count": rows(cache["count"]), "memory_mask": rows(cache["memory_mask"])}
+
+
+_CROSS = ("xk", "xv")
+
+
+def _dot_order(x: jax.Array) -> jax.Array:
+    """Keys or values [..., B, S, heads, head_dim] as [..., B, heads, head_dim, S]."""
+    lead = tuple(range(x.ndim - 4))
+    b, s, h, d = range(x.ndim - 4, x.ndim)
+    return jnp.transpose(x, lead + (b, h, d, s))
+
+
+def _model_order(x: jax.Array) -> jax.Array:
+    """The inverse of ``_dot_order``."""
+    lead = tuple(range(x.ndim - 4))
+    b, h, d, s = range(x.ndim - 4, x.ndim)
+    return jnp.transpose(x, lead + (b, s, h, d))
+
+
+def _loop_cache(cache: dict, stacked: bool):
+    """(the cache the loop carries, the encoder's keys/values in the attention dots' order, or None).
+
+    XLA:CPU's attention dots read keys and values as [B, heads, head_dim, S]
+    and the model caches them as [B, S, heads, head_dim], so every step would
+    copy every layer's encoder keys and values, which never change, into the
+    dots' order. They are transposed once here instead, behind an
+    optimisation barrier (without it XLA moves the transpose back into the
+    loop), and ``_model_cache`` turns them back inside the step, where XLA
+    cancels the two transposes. The decoder's own keys and values gain nothing
+    from this: each step writes them before reading. Per-layer caches only: a
+    stacked cache is sliced by the layers' scan in between.
+    """
+    layers = cache["layers"]
+    if stacked or not any(name in entry for entry in layers for name in _CROSS):
+        return cache, None
+    cross = [{name: _dot_order(entry[name]) for name in _CROSS} for entry in layers]
+    return _without_cross(cache), jax.lax.optimization_barrier(cross)
+
+
+def _without_cross(cache: dict) -> dict:
+    return {**cache, "layers": [{k: v for k, v in entry.items() if k not in _CROSS} for entry in cache["layers"]]}
+
+
+def _model_cache(cache: dict, cross) -> dict:
+    """The model's cache from ``_loop_cache``'s parts."""
+    if cross is None:
+        return cache
+    layers = [{**entry, **{name: _model_order(x) for name, x in c.items()}} for entry, c in zip(cache["layers"], cross)]
+    return {**cache, "layers": layers}
+
+
+def _decode_step(network, ids, cache: dict, cross):
+    """Logits [N, V] after ``ids`` [N, 1], and the updated loop cache."""
+    logits, cache = network.decode_cached(ids, _model_cache(cache, cross))
+    return logits[:, -1], cache if cross is None else _without_cross(cache)
 
 
 # ---------------------------------------------------------------- constraints
@@ -228,7 +310,7 @@ def _filter_top_k_top_p(logits, top_k: int, top_p: float):
 def _greedy_or_sample(network, context_ids, settings: Settings, key):
     cfg = network.cfg
     n, m = context_ids.shape[0], settings.max_len
-    logits, cache, context = _prefill(network, context_ids, m)
+    logits, cache, cross, context = _prefill(network, context_ids, m)
     tokens = jnp.full((n, m), cfg.pad_id, jnp.int32)
     state = (jnp.zeros((), jnp.int32), tokens, jnp.zeros((n,), bool), jnp.zeros((n,), jnp.float32), logits, cache)
 
@@ -249,8 +331,8 @@ def _greedy_or_sample(network, context_ids, settings: Settings, key):
         score = score + jnp.where(finished, 0.0, token_logp)
         tokens = tokens.at[:, step].set(token)
         finished = finished | (token == cfg.end_id)
-        logits, cache = network.decode_cached(token[:, None], cache)
-        return step + 1, tokens, finished, score, logits[:, -1], cache
+        logits, cache = _decode_step(network, token[:, None], cache, cross)
+        return step + 1, tokens, finished, score, logits, cache
 
     _, tokens, _, score, _, _ = jax.lax.while_loop(running, body, state)
     return tokens, score
@@ -265,7 +347,7 @@ def _beam_search(network, context_ids, settings: Settings):
     b, k, m = context_ids.shape[0], settings.beam_size, settings.max_len
     keep = 2 * k  # candidates per step: enough to continue k beams if k of them end
     lp = settings.length_penalty
-    logits, cache, context = _prefill(network, jnp.repeat(context_ids, k, axis=0), m)
+    logits, cache, cross, context = _prefill(network, context_ids, m, copies=k)
     vocab = logits.shape[-1]
     top_beams = jnp.arange(keep) < k  # only the best k candidates may finish
 
@@ -322,10 +404,10 @@ def _beam_search(network, context_ids, settings: Settings):
 
         cache = network.reorder_cache(s["cache"], source_rows)
         next_tokens = new_running.reshape(b * k, m)[:, step]
-        logits, cache = network.decode_cached(next_tokens[:, None], cache)
+        logits, cache = _decode_step(network, next_tokens[:, None], cache, cross)
         return dict(step=step + 1, running=new_running, running_score=new_running_score, finished=finished,
                     finished_score=finished_score, is_finished=is_finished, improvable=improvable,
-                    all_stopped=stops.all(), logits=logits[:, -1], cache=cache)
+                    all_stopped=stops.all(), logits=logits, cache=cache)
 
     s = jax.lax.while_loop(running, body, state)
     return s["finished"][:, 0], s["finished_score"][:, 0]
