@@ -6,14 +6,42 @@ the reference must never pass by being skipped. Without ParlAI, deselect them
 explicitly with ``-m "not parlai"``. Tests that need ``projects/`` code that
 the wheel does not ship (``projects/cringe``) are marked ``parlai_projects``
 and skip unless a ParlAI source checkout is importable.
+
+Most of the suite's time is XLA compiling the same programs again: in test after
+test and in every ``main.py`` child process. A persistent compilation cache in a
+folder private to this pytest run (inherited by the children through the
+environment) compiles each program once; a cache the user already set is kept.
+The two-process run drops it (``tests/train/test_multiprocess.py`` says why).
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import os
+import shutil
+import tempfile
 import warnings
 
 import pytest
+
+
+def _share_compilation_cache() -> None:
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    directory = tempfile.mkdtemp(prefix="bb3x-jax-tests-xla-cache-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+    # Cache even quick compiles: a test run repeats thousands of them.
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    import jax  # already imported by a plugin or earlier code: set it on the live config too
+
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+_share_compilation_cache()
 
 PARLAI_INSTALL = 'pip install -e ".[test,parlai]" && pip install --no-deps parlai==1.7.2'
 
