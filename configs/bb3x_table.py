@@ -43,9 +43,10 @@ def get_config() -> config_dict.ConfigDict:
     config.judge.steps = 150
     config.judge.learning_rate = 3e-4
     config.baseline = config_dict.ConfigDict({"objective": "mle", "steps": 4000})
-    # same_data: comma-separated objectives (mle_positive_only, unlikelihood) each trained like the
-    # CRINGE iterations on the same generated splits and steps, as further rows ('' -> none)
-    config.control = config_dict.ConfigDict({"enabled": True, "same_data": ""})
+    # same_data: comma-separated objectives each trained like the CRINGE iterations on the same
+    # generated splits and steps, as further rows ('' -> none): rejection sampling (likelihood on the
+    # judged-good generations only) and unlikelihood, so the table separates CRINGE from its data
+    config.control = config_dict.ConfigDict({"enabled": True, "same_data": "mle_positive_only,unlikelihood"})
     config.sampled = config_dict.ConfigDict({"enabled": True, "temperature": 1.0})
     # seeds: each runs the whole experiment on its own world (data.synthetic.seed) and training
     # (seed) in <workdir>/seed_<s>; the table reports mean ± sd. label_judge: classifier (the
