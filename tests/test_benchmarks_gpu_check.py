@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -13,7 +12,7 @@ import time
 
 import pytest
 
-from tests import REPO
+from tests import REPO, benchmark_scripts
 
 SCRIPT = os.path.join(REPO, "benchmarks", "gpu_check.sh")
 COMMON_KEYS = ("measurement", "framework", "device", "dry_run", "model", "encoder_layers", "decoder_layers",
@@ -24,10 +23,7 @@ EXPECTED = [("device", None), ("train_step", "jax"), ("train_step", "torch"), ("
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(REPO, "benchmarks", "gpu_check.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("gpu_check")
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,16 +11,12 @@ import pytest
 import torch
 
 from bb3x_jax.cringe import cringe_loss
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "torch_reference.py"
+from tests import benchmark_scripts
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("torch_reference", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("torch_reference")
 
 
 def _batch(seed=0, b=6, t=9, v=41, pad_id=0):
