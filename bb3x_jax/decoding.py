@@ -204,17 +204,13 @@ _CROSS = ("xk", "xv")
 
 
 def _dot_order(x: jax.Array) -> jax.Array:
-    """Keys or values [..., B, S, heads, head_dim] as [..., B, heads, head_dim, S]."""
-    lead = tuple(range(x.ndim - 4))
-    b, s, h, d = range(x.ndim - 4, x.ndim)
-    return jnp.transpose(x, lead + (b, h, d, s))
+    """Keys or values [..., S, heads, head_dim] as [..., heads, head_dim, S]."""
+    return jnp.moveaxis(x, -3, -1)
 
 
 def _model_order(x: jax.Array) -> jax.Array:
     """The inverse of ``_dot_order``."""
-    lead = tuple(range(x.ndim - 4))
-    b, h, d, s = range(x.ndim - 4, x.ndim)
-    return jnp.transpose(x, lead + (b, s, h, d))
+    return jnp.moveaxis(x, -1, -3)
 
 
 def _loop_cache(cache: dict, stacked: bool):
