@@ -103,6 +103,9 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
     _require(train.objective in ("cringe", "mle", "mle_positive_only", "unlikelihood"), "train.objective",
              f"{train.objective!r} is not one of cringe, mle, mle_positive_only, unlikelihood")
     _require(train.k >= 1, "train.k", "must be >= 1")
+    _require(train.kl_anchor >= 0, "train.kl_anchor", "must be >= 0 (0: no anchor)")
+    _require(train.kl_anchor_direction in ("forward", "reverse"), "train.kl_anchor_direction",
+             f"{train.kl_anchor_direction!r} is not forward or reverse")
     _require(train.steps > 0, "train.steps", "must be positive")
     _require(train.learning_rate > 0, "train.learning_rate", "must be positive")
     _require(train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
@@ -193,6 +196,9 @@ def model_overrides(config: config_dict.ConfigDict) -> dict:
 # Config keys (and sections, ending in '.') a resumed run may change: they do not change what was
 # trained so far. Everything else (model, tokenizer, data source and stream, objective, optimizer,
 # seed) must equal the checkpoint's. ``data.dir`` only says where the prepared data is kept.
+# Settings newer than some checkpoints, each with the value that trains what those checkpoints
+# trained: a recorded config without the key counts as having this value.
+_ADDED_SETTINGS = {"train.kl_anchor": 0.0, "train.kl_anchor_direction": "forward"}
 _RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.init_from",
                       "train.trust_pickle", "checkpoint.", "eval.", "iterate.", "judge.", "bench.", "plan.",
                       "data_check.", "distributed.", "data.num_workers", "data.prefetch", "data.pipeline_workers",
@@ -212,6 +218,13 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def _without_inert(flat: dict) -> dict:
+    """``flat`` without the settings that change nothing as set (the anchor's direction, unanchored)."""
+    if not flat.get("train.kl_anchor"):
+        flat = {k: v for k, v in flat.items() if k != "train.kl_anchor_direction"}
+    return flat
+
+
 def check_resumable(saved: dict, config: config_dict.ConfigDict, checkpoint: str = "") -> None:
     """Fails naming the keys and both values when a run is resumed with a config that changes
     what it trains (``saved``: the config recorded in the checkpoint ``checkpoint``).
@@ -220,8 +233,8 @@ def check_resumable(saved: dict, config: config_dict.ConfigDict, checkpoint: str
     workers is allowed (the mesh only changes placement); anything else that
     differs from the checkpoint's config is an error.
     """
-    now = _flatten(json.loads(config.to_json_best_effort()))
-    before = _flatten(saved)
+    now = _without_inert(_flatten(json.loads(config.to_json_best_effort())))
+    before = _without_inert({**_ADDED_SETTINGS, **_flatten(saved)})
     changed = sorted(
         key for key in set(now) | set(before)
         if now.get(key) != before.get(key) and not key.startswith(_RESUMABLE_CHANGES)

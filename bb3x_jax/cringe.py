@@ -76,6 +76,11 @@ negative examples). Everything is plain ``jnp``: jit-able, differentiable
 w.r.t. the logits, shape-static, and fine with sharded inputs. Log-softmax
 and the losses are computed in float32 whatever the logits' dtype.
 
+The anchor (``anchor_kl``, weighted by ``train.kl_anchor`` in the train step):
+an optional KL(anchor || model) (``forward``) or KL(model || anchor)
+(``reverse``) per non-pad target token towards the model a run started from,
+the bad token of negative examples left out of both sides.
+
 Shapes: logits [B, T, V] already aligned with targets [B, T] (position t
 predicts ``targets[:, t]``), ``pad_id`` marks padding, feedback [B].
 """
@@ -295,6 +300,50 @@ def unlikelihood_loss(
         neg=ul, neg_examples=feedback == NEGATIVE,
         alpha=alpha, pad_id=pad_id,
     )  # fmt: skip
+
+
+# Where anchor_kl removes the bad token: a finite stand-in for -inf, so that no NaN can arise.
+_REMOVED_LOGIT = -1e30
+
+
+ANCHOR_DIRECTIONS = ("forward", "reverse")
+
+
+def anchor_kl(
+    logits: Array, anchor_logits: Array, targets: Array, feedback: Array, *, pad_id: int = 0,
+    direction: str = "forward",
+) -> tuple[Array, Array]:
+    """Per-token KL [B, T] between the model and an anchor, and the tokens it covers (every non-pad
+    target token): ``forward`` KL(anchor || model), ``reverse`` KL(model || anchor).
+
+    Why: the negative terms (CRINGE's CT, unlikelihood) push the bad token down,
+    and softmax spreads its probability over the whole vocabulary, tail
+    included; sampling then draws words that a beam never would. This term keeps
+    each next-token distribution near the ``anchor`` model's (the model the run
+    started from, e.g. the previous iteration). On negative examples the bad
+    target token is removed from both distributions (each renormalised over the
+    rest), so the anchor never holds up what the negative term pushes down; it
+    only decides where the freed probability goes. No gradient reaches the
+    anchor's logits. ``reverse`` charges the model for every token it makes
+    likelier than the anchor did, by the log of the ratio: probability moved
+    to tokens the anchor all but ruled out costs far more than under
+    ``forward``, which only sees what leaves the anchor's likely tokens.
+    """
+    if direction not in ANCHOR_DIRECTIONS:
+        raise ValueError(f"unknown anchor direction {direction!r}; valid: {', '.join(ANCHOR_DIRECTIONS)}")
+    _check_shapes(logits, targets, feedback)
+    if anchor_logits.shape != logits.shape:
+        raise ValueError(f"anchor logits {anchor_logits.shape} differ from the logits {logits.shape}")
+    covered = targets != pad_id
+    vocab = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    removed = ((feedback == NEGATIVE)[:, None] & covered)[..., None] & (vocab == targets[..., None].astype(jnp.int32))
+    x = jnp.where(removed, _REMOVED_LOGIT, logits.astype(jnp.float32))
+    r = jnp.where(removed, _REMOVED_LOGIT, lax.stop_gradient(anchor_logits).astype(jnp.float32))
+    log_q, log_r = jax.nn.log_softmax(x, axis=-1), jax.nn.log_softmax(r, axis=-1)
+    if direction == "reverse":
+        log_r, log_q = log_q, log_r
+    kl = jnp.sum(jnp.where(removed, 0.0, jnp.exp(log_r) * (log_r - log_q)), axis=-1)
+    return jnp.where(covered, kl, 0.0), covered
 
 
 # Keyword options each objective takes; objective_loss accepts their union and

@@ -92,6 +92,13 @@ def get_config() -> config_dict.ConfigDict:
             "objective": "cringe",  # cringe | mle | mle_positive_only | unlikelihood
             "alpha": 1.0,
             "k": 1,
+            # > 0: add this times a KL per target token to the model the run starts from
+            # (train.init_from; in --mode=iterate the previous iteration), the bad token of negative
+            # examples left out (cringe.anchor_kl): where the probability the negative term frees
+            # goes, so that sampling stays as fluent as the start. forward: KL(start || model);
+            # reverse: KL(model || start), which charges most for mass moved to unlikely tokens.
+            "kl_anchor": 0.0,
+            "kl_anchor_direction": "forward",
             "detach_positives": False,
             "train_ce_on_positive": True,
             "steps": 300,

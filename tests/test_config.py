@@ -38,6 +38,8 @@ def test_default_config_is_valid():
         ("data.tokenizer.kind", "parlai", "config.data.tokenizer.path: a parlai tokenizer needs a path"),
         ("data.tokenizer.path", "/nonexistent/spm.model", "config.data.tokenizer.path: .*no sentencepiece model"),
         ("train.init_from", "/nonexistent/model", "config.train.init_from: /nonexistent/model: no such file"),
+        ("train.kl_anchor", -0.5, "config.train.kl_anchor: must be >= 0"),
+        ("train.kl_anchor_direction", "both", "config.train.kl_anchor_direction"),
     ],
 )
 def test_bad_values_name_their_key(key, value, message):
@@ -130,3 +132,35 @@ def test_warmup_longer_than_the_run_is_allowed_with_a_warning(monkeypatch):
     config.train.warmup_steps = 10
     config_lib.validate(config)
     assert not any("warmup" in w for w in warnings)
+
+
+def test_a_checkpoint_older_than_the_kl_anchor_resumes_as_unanchored():
+    """A checkpoint whose recorded config has no train.kl_anchor trained without one: it resumes
+    (and a finished stage is reused) at kl_anchor 0, and is refused at any other weight."""
+    import json
+
+    saved = json.loads(cringe.get_config().to_json_best_effort())
+    del saved["train"]["kl_anchor"]
+    config_lib.check_resumable(saved, cringe.get_config())
+    anchored = cringe.get_config()
+    anchored.train.kl_anchor = 1.0
+    with pytest.raises(config_lib.ConfigError, match=r"config.train.kl_anchor: .*0.0 -> 1.0"):
+        config_lib.check_resumable(saved, anchored)
+    unanchored = cringe.get_config()
+    unanchored.train.kl_anchor_direction = "reverse"  # changes nothing without an anchor
+    config_lib.check_resumable(saved, unanchored)
+    anchored.train.kl_anchor_direction = "reverse"
+    recorded = json.loads(anchored.to_json_best_effort())
+    anchored.train.kl_anchor_direction = "forward"
+    with pytest.raises(config_lib.ConfigError, match=r"config.train.kl_anchor_direction: .*'reverse' -> 'forward'"):
+        config_lib.check_resumable(recorded, anchored)
+
+
+def test_kl_anchor_without_a_start_is_refused(tmp_path):
+    """The anchor is the model the run starts from: without train.init_from there is none."""
+    from bb3x_jax.train import runtime
+
+    config = cringe.get_config()
+    config.train.kl_anchor = 1.0
+    with pytest.raises(config_lib.ConfigError, match="config.train.kl_anchor: .*train.init_from"):
+        runtime.Setup(config, str(tmp_path), with_data=False)

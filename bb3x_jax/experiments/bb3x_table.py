@@ -89,14 +89,16 @@ def seed_config(config: config_dict.ConfigDict, seed: int) -> config_dict.Config
 
 
 def baseline_config(config: config_dict.ConfigDict, workdir: str) -> config_dict.ConfigDict:
+    # From random weights: nothing to anchor to.
     return iterate.derived_config(config, workdir, {"train.objective": config.baseline.objective,
-                                                    "train.steps": config.baseline.steps})
+                                                    "train.steps": config.baseline.steps, "train.kl_anchor": 0.0})
 
 
 def control_config(config: config_dict.ConfigDict, workdir: str, start: str) -> config_dict.ConfigDict:
     return iterate.derived_config(config, workdir, {
         "train.objective": config.baseline.objective, "train.init_from": start,
         "train.steps": config.iterate.steps * config.iterate.iterations,
+        "train.kl_anchor": 0.0,  # the baseline's own recipe, continued
     })
 
 

@@ -117,17 +117,17 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
     batch = sharding.put_batch(local, setup.mesh)
     state = setup.state
     compile_start = time.perf_counter()
-    compiled = setup.train_step.lower(state, batch).compile()
+    compiled = setup.train_step.lower(state, batch, setup.anchor).compile()
     compile_s = time.perf_counter() - compile_start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     for _ in range(b.warmup):
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled(state, batch, setup.anchor)
     jax.block_until_ready(state)
     times = []
     for _ in range(b.steps):
         start = time.perf_counter()
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled(state, batch, setup.anchor)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
     median = statistics.median(times)

@@ -196,7 +196,7 @@ def plan(config: config_dict.ConfigDict) -> dict[str, Any]:
     train_step = runtime.train_step(config, graphdef, tx, cfg.pad_id, mesh)
     lower_start = time.perf_counter()
     with jax.set_mesh(mesh):  # what sharding.MeshBound does around the run's calls
-        traced = train_step.fn.trace(state, batch)
+        traced = train_step.fn.trace(state, batch, state.params if train.kl_anchor else None)
         lowered = traced.lower()
     compile_start = time.perf_counter()
     # LLVM's optimisation level only changes the CPU machine code, which the plan never

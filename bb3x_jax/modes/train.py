@@ -233,7 +233,7 @@ def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
                                            unit="step", disable=jax.process_index() != 0) as bar:
             for step in range(start_step + 1, train.steps + 1):
                 batch = next(iterator)  # global arrays, already on the mesh
-                state, metrics = setup.train_step(state, batch)
+                state, metrics = setup.train_step(state, batch, setup.anchor)
                 window.append((step, metrics))  # the run's step s is the iterator's batch s
                 window_tokens.append((batch["context_ids"] != setup.pad_id).sum()
                                      + (batch["label_ids"] != setup.pad_id).sum())

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -42,6 +43,9 @@ class Setup:
         self.tokenizer_spec = dataset.tokenizer_spec(config, self.built) if with_data else None
         # How every batch, generation and chat frames text: resolved once (it reads the checkpoint's files).
         self.framing = config_lib.framing(config, self.tokenizer_spec) if with_data else None
+        if with_optimizer and config.train.kl_anchor and not config.train.init_from:
+            raise config_lib.ConfigError("train.kl_anchor", "the anchor is the model the run starts from: "
+                                                            "set train.init_from, or kl_anchor=0")
         self.model_cfg, model = init_model(config, self.tokenizer, self.mesh)
         self.pad_id = self.model_cfg.pad_id
         if not with_optimizer:  # inference only: parameters, no optimizer state
@@ -51,6 +55,10 @@ class Setup:
         self.tx = optimizer(config)
         self.graphdef, self.state = step_lib.init_state(model, self.tx, config.seed, self.mesh)
         self.params, self.rest = self.state.params, self.state.rest
+        # The KL anchor is the model the run starts from (train.init_from), also when it resumes:
+        # a copy, since the step donates the state's buffers.
+        self.anchor = jax.tree.map(jnp.copy, self.state.params) if config.train.kl_anchor else None
+        # Called as train_step(state, batch, anchor).
         self.train_step = train_step(config, self.graphdef, self.tx, self.pad_id, self.mesh)
 
     @property
@@ -88,7 +96,8 @@ def train_step(config: config_dict.ConfigDict, graphdef, tx, pad_id: int, mesh) 
     """The run's jitted train step on ``mesh``; the plan mode lowers this same step from abstract shapes."""
     train = config.train
     return sharding.MeshBound(step_lib.make_train_step(
-        graphdef, tx, objective=train.objective, alpha=train.alpha, k=train.k,
+        graphdef, tx, objective=train.objective, kl_anchor=train.kl_anchor,
+        kl_anchor_direction=train.kl_anchor_direction, alpha=train.alpha, k=train.k,
         detach_positives=train.detach_positives, train_ce_on_positive=train.train_ce_on_positive, pad_id=pad_id,
     ), mesh)
 

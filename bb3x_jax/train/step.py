@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bb3x_jax import cringe
@@ -101,27 +102,50 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int, m
     return graphdef, state
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, *, objective: str = "cringe", **objective_kwargs):
-    """The jitted ``(state, batch) -> (state, metrics)`` step (state donated).
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, objective: str = "cringe",
+                    kl_anchor: float = 0.0, kl_anchor_direction: str = "forward", **objective_kwargs):
+    """The jitted ``(state, batch, anchor=None) -> (state, metrics)`` step (state donated).
 
     ``batch`` has ``context_ids``, ``label_ids`` (label tokens, end token, pad)
     and ``feedback`` as the input pipeline produces them; padding rows have
     all-pad labels and so contribute nothing. Pass ``pad_id`` in
     ``objective_kwargs`` for models whose pad id is not 0 (OPT: 1).
+
+    With ``kl_anchor`` > 0 the step needs ``anchor``, parameters of the same
+    network (the model the run started from): the loss gains ``kl_anchor`` times
+    the mean ``cringe.anchor_kl`` (``kl_anchor_direction``) over non-pad target tokens, from one extra
+    forward pass of the anchor without dropout, and the metrics gain
+    ``kl_anchor`` (that mean, unweighted).
     """
+    pad_id = objective_kwargs.get("pad_id", 0)
 
-    def loss_fn(model, batch, loss_key):
+    def loss_fn(model, batch, loss_key, anchor_logits):
         logits = model.label_logits(batch["context_ids"], batch["label_ids"], deterministic=False)
-        return cringe.objective_loss(objective, logits, batch["label_ids"], batch["feedback"], loss_key, **objective_kwargs)
+        loss, metrics = cringe.objective_loss(objective, logits, batch["label_ids"], batch["feedback"], loss_key,
+                                              **objective_kwargs)
+        if anchor_logits is not None:
+            kl, covered = cringe.anchor_kl(logits, anchor_logits, batch["label_ids"], batch["feedback"], pad_id=pad_id,
+                                           direction=kl_anchor_direction)
+            mean_kl = jnp.sum(kl) / jnp.maximum(jnp.sum(covered, dtype=jnp.float32), 1.0)
+            loss = loss + kl_anchor * mean_kl
+            metrics = dict(metrics, loss=loss, kl_anchor=mean_kl)
+        return loss, metrics
 
-    def step(state: TrainState, batch: dict[str, jax.Array]):
+    def step(state: TrainState, batch: dict[str, jax.Array], anchor: Any = None):
         rng, dropout_key, loss_key = jax.random.split(state.rng, 3)
+        anchor_logits = None
+        if kl_anchor:
+            if anchor is None:
+                raise ValueError("kl_anchor > 0: pass the anchor parameters to the step")
+            anchor_model = nnx.merge(graphdef, anchor, state.rest)
+            anchor_logits = lax.stop_gradient(
+                anchor_model.label_logits(batch["context_ids"], batch["label_ids"], deterministic=True))
         model = nnx.merge(graphdef, state.params, state.rest)
         # Dropout keys come from the state's key: a step is a pure function of (state, batch).
         nnx.reseed(model, default=dropout_key)
         # nnx.value_and_grad carries the model's RNG-state updates through the trace;
         # it runs once, at trace time, inside the plain jax.jit below.
-        (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, loss_key)
+        (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, loss_key, anchor_logits)
         _, _, rest = nnx.split(model, nnx.Param, ...)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -6,6 +6,7 @@ two iterations of a few steps each follow, on one small synthetic release.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import signal
 import numpy as np
 import pytest
 
+from bb3x_jax import config as config_lib
 from tests.modes.test_train import fresh_workdir, run_main
 
 ITERATE_FLAGS = (
@@ -168,6 +170,26 @@ def test_a_finished_split_made_otherwise_is_not_reused(straight, tmp_path):
     shutil.copytree(straight[0], workdir, symlinks=True)
     out = run_main(workdir, *ITERATE_FLAGS, "--config.generation.beam_size=3", mode="iterate", check=False)
     assert out.returncode != 0 and "generated with other settings" in out.stderr
+
+
+def test_a_split_judged_by_the_same_classifier_elsewhere_is_reused(tmp_path):
+    """A split records its judge's name with the classifier's folder; in a moved or copied workdir the
+    folder differs but the weights are the same, so the split is reused; other weights are refused."""
+    from bb3x_jax.modes import iterate
+    from configs import cringe
+
+    config = cringe.get_config()
+    workdir = str(tmp_path)
+    checkpoint = os.path.join(workdir, "checkpoints", "300")
+    meta = {"model_in_workdir": os.path.join("checkpoints", "300"), "contexts_requested": config.iterate.contexts,
+            "seed": config.seed, "judge": "feedback classifier /old/place/judge (weights 86c4fa4eab37)",
+            "settings": dataclasses.asdict(config_lib.generation_settings(config))}
+    here = f"feedback classifier {workdir}/judge (weights 86c4fa4eab37)"
+    iterate.check_split_matches(meta, "split", config, workdir, checkpoint, here)
+    with pytest.raises(config_lib.ConfigError, match="generated with other judge"):
+        iterate.check_split_matches(meta, "split", config, workdir, checkpoint, here.replace("86c4", "0000"))
+    with pytest.raises(config_lib.ConfigError, match="generated with other judge"):
+        iterate.check_split_matches(meta, "split", config, workdir, checkpoint, "synthetic world ground truth")
 
 
 def test_a_finished_training_made_otherwise_is_refused_naming_the_setting(straight, tmp_path):

@@ -306,3 +306,26 @@ def test_validation_divergence_counts_only_a_class_nll_with_tokens():
     loop._check_valid(fine, 4, {"epoch": 0, "step_in_epoch": 4}, None)
     with pytest.raises(TrainingDiverged, match="step 4"):
         loop._check_valid({**fine, "nll_positive": float("inf")}, 4, {"epoch": 0, "step_in_epoch": 4}, None)
+
+
+@pytest.mark.slow
+def test_kl_anchored_run_resumes_bit_identical_with_the_same_anchor(straight, prepared, tmp_path):
+    """train.kl_anchor anchors to train.init_from, and a resumed run anchors to it again (not to its
+    own checkpoint): killed after step 7 and restarted, it ends with the parameters and metrics of
+    the same run made in one go; its log records the KL."""
+    start = os.path.join(straight[0], "checkpoints", str(STEPS))
+    anchored = ("--config.train.kl_anchor=1.0", "--config.train.kl_anchor_direction=reverse",
+                f"--config.train.init_from={start}", "--config.train.objective=cringe")
+    whole = fresh_workdir(prepared, tmp_path, "anchored")
+    run_main(whole, *anchored)
+    records = train_records(whole)
+    kl = [r["kl_anchor"] for r in records if r["kind"] == "train"]
+    assert len(kl) == 4 and all(np.isfinite(kl)) and all(value > 0 for value in kl)
+    workdir = fresh_workdir(prepared, tmp_path, "anchored_killed")
+    killed = run_main(workdir, *anchored, check=False, BB3X_FAULT_KILL_AFTER_STEP="7")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = run_main(workdir, *anchored)
+    assert f"Resumed from {os.path.join(workdir, 'checkpoints')}/6" in resumed.stdout
+    for a, b in zip(final_params(whole), final_params(workdir)):
+        np.testing.assert_array_equal(a, b)
+    assert train_records(workdir) == records

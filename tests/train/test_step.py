@@ -9,7 +9,10 @@ import textwrap
 
 import jax
 import numpy as np
+import pytest
+from flax import nnx
 
+from bb3x_jax import cringe
 from bb3x_jax.model import build, config
 from bb3x_jax.train import step as step_lib
 from tests import REPO
@@ -150,3 +153,47 @@ def test_learning_rate_schedule():
     schedule = step_lib.lr_schedule(1.0, warmup_steps=4, total_steps=12, end_lr_ratio=0.1)
     values = [float(schedule(c)) for c in (0, 1, 2, 3, 4, 11, 20)]
     np.testing.assert_allclose(values, [0.25, 0.5, 0.75, 1.0, 1.0 - 0.9 / 8, 0.1, 0.1], rtol=1e-6)
+
+
+def test_kl_anchor_keeps_the_model_near_its_start():
+    """With kl_anchor the step adds the KL to the start's distributions: zero at the first step (no
+    dropout: model == anchor), and after training the model's distributions sit closer to the start
+    than without it, while it still learns the batch."""
+    cfg = config.preset("tiny", vocab_size=64, dropout=0.0)
+    batch = make_batch()
+    runs = {}
+    for weight in (0.0, 5.0):
+        tx = step_lib.make_optimizer(learning_rate=3e-3, warmup_steps=2, total_steps=50)
+        graphdef, state = step_lib.init_state(build.build(cfg, seed=0), tx, 0)
+        anchor = jax.tree.map(jax.numpy.copy, state.params)
+        train_step = step_lib.make_train_step(graphdef, tx, kl_anchor=weight)
+        history = []
+        for _ in range(25):
+            state, metrics = train_step(state, batch, anchor if weight else None)
+            history.append({k: float(v) for k, v in metrics.items()})
+        runs[weight] = (graphdef, state, anchor, history)
+    graphdef, _, anchor, anchored = runs[5.0]
+    assert anchored[0]["kl_anchor"] == 0.0
+    assert "kl_anchor" not in runs[0.0][3][0]
+
+    def kl_to_start(state):
+        logits = nnx.merge(graphdef, state.params, state.rest).label_logits(
+            batch["context_ids"], batch["label_ids"], deterministic=True)
+        start = nnx.merge(graphdef, anchor, state.rest).label_logits(
+            batch["context_ids"], batch["label_ids"], deterministic=True)
+        kl, covered = cringe.anchor_kl(logits, start, batch["label_ids"], batch["feedback"])
+        return float(kl.sum() / covered.sum())
+
+    free, held = kl_to_start(runs[0.0][1]), kl_to_start(runs[5.0][1])
+    assert held < 0.5 * free, (held, free)
+    assert anchored[-1]["ce_loss"] < 0.8 * anchored[0]["ce_loss"]
+    assert 0.0 < anchored[1]["kl_anchor"] and abs(anchored[-1]["kl_anchor"] - held) < 0.1 * held
+
+
+def test_kl_anchor_without_anchor_parameters_is_refused():
+    cfg = config.preset("tiny", vocab_size=64, dropout=0.0)
+    tx = step_lib.make_optimizer(learning_rate=3e-3, warmup_steps=2, total_steps=50)
+    graphdef, state = step_lib.init_state(build.build(cfg), tx, 0)
+    train_step = step_lib.make_train_step(graphdef, tx, kl_anchor=1.0)
+    with pytest.raises(ValueError, match="anchor"):
+        train_step(state, make_batch())
