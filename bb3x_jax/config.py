@@ -193,12 +193,12 @@ def model_overrides(config: config_dict.ConfigDict) -> dict:
             "remat": m.remat}
 
 
-# Config keys (and sections, ending in '.') a resumed run may change: they do not change what was
-# trained so far. Everything else (model, tokenizer, data source and stream, objective, optimizer,
-# seed) must equal the checkpoint's. ``data.dir`` only says where the prepared data is kept.
 # Settings newer than some checkpoints, each with the value that trains what those checkpoints
 # trained: a recorded config without the key counts as having this value.
 _ADDED_SETTINGS = {"train.kl_anchor": 0.0, "train.kl_anchor_direction": "forward"}
+# Config keys (and sections, ending in '.') a resumed run may change: they do not change what was
+# trained so far. Everything else (model, tokenizer, data source and stream, objective, optimizer,
+# seed) must equal the checkpoint's. ``data.dir`` only says where the prepared data is kept.
 _RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.init_from",
                       "train.trust_pickle", "checkpoint.", "eval.", "iterate.", "judge.", "bench.", "plan.",
                       "data_check.", "distributed.", "data.num_workers", "data.prefetch", "data.pipeline_workers",

@@ -31,6 +31,12 @@ def get_config() -> config_dict.ConfigDict:
     # The ground truth grades (eval.judge); what labels the iterations' generations is
     # experiment.label_judge (the experiment sets iterate.judge from it).
     config.eval.judge = "synthetic"
+    # The sampling recipe: each iteration's CRINGE (and the same-data controls) anchored to the
+    # iteration it starts from by KL(model || start), the bad token left out (cringe.anchor_kl).
+    # Without it sampled nonsense roughly triples; weight 2 or 3 keeps sampling near the baseline
+    # but slows the beam's climb (docs/experiments.md, the sampling recipe).
+    config.train.kl_anchor = 1.0
+    config.train.kl_anchor_direction = "reverse"
     config.iterate.iterations = 3
     config.iterate.contexts = 2000
     config.iterate.steps = 300
