@@ -15,7 +15,7 @@ import jax
 from absl import logging
 from ml_collections import config_dict
 
-from bb3x_jax import decoding
+from bb3x_jax import cringe, decoding
 from bb3x_jax.data import framing as framing_lib
 from bb3x_jax.data import pipeline, schema
 from bb3x_jax.data.feedback import FeedbackPolicy
@@ -104,8 +104,8 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
              f"{train.objective!r} is not one of cringe, mle, mle_positive_only, unlikelihood")
     _require(train.k >= 1, "train.k", "must be >= 1")
     _require(train.kl_anchor >= 0, "train.kl_anchor", "must be >= 0 (0: no anchor)")
-    _require(train.kl_anchor_direction in ("forward", "reverse"), "train.kl_anchor_direction",
-             f"{train.kl_anchor_direction!r} is not forward or reverse")
+    _require(train.kl_anchor_direction in cringe.ANCHOR_DIRECTIONS, "train.kl_anchor_direction",
+             f"{train.kl_anchor_direction!r} is not one of {', '.join(cringe.ANCHOR_DIRECTIONS)}")
     _require(train.steps > 0, "train.steps", "must be positive")
     _require(train.learning_rate > 0, "train.learning_rate", "must be positive")
     _require(train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")

@@ -167,8 +167,8 @@ def generate_split(config: config_dict.ConfigDict, workdir: str, iteration: int,
 
 
 def _judge_identity(name: Any) -> Any:
-    """A feedback classifier is the same judge wherever its folder lies (a moved or copied workdir):
-    its weights' digest, not the path in its name, identifies it."""
+    """A recorded value as compared: a feedback classifier is the same judge wherever its folder lies
+    (a moved or copied workdir), so its name counts by its weights' digest; anything else as it is."""
     match = re.fullmatch(r"feedback classifier .+ \(weights (\w+)\)", name) if isinstance(name, str) else None
     return ("feedback classifier", match.group(1)) if match else name
 
@@ -181,9 +181,7 @@ def check_split_matches(meta: dict[str, Any], path: str, config: config_dict.Con
     if meta.get("labels") != deployment_feedback.LABELS:  # feedback is read, not generated: no settings
         expected.update({"judge": judge_name, "contexts_requested": config.iterate.contexts, "seed": config.seed,
                          "settings": dataclasses.asdict(config_lib.generation_settings(config))})
-    different = [key for key, value in expected.items()
-                 if (_judge_identity(meta.get(key)) if key == "judge" else meta.get(key)) !=
-                 (_judge_identity(value) if key == "judge" else value)]
+    different = [key for key, value in expected.items() if _judge_identity(meta.get(key)) != _judge_identity(value)]
     if different:
         raise config_lib.ConfigError(
             "iterate", f"{path} was generated with other {', '.join(different)} than this run's "
