@@ -12,11 +12,20 @@ test and in every ``main.py`` child process. A persistent compilation cache in a
 folder private to this pytest run (inherited by the children through the
 environment) compiles each program once; a cache the user already set is kept.
 The two-process run drops it (``tests/train/test_multiprocess.py`` says why).
+
+The suite runs in parallel workers (pytest-xdist, ``addopts`` in pyproject.toml):
+``-n auto`` is the machine's core count capped at ``MAX_WORKERS`` (every worker
+starts ``main.py`` children of its own, and XLA already threads each program), and
+``--dist loadscope`` keeps a module's tests on one worker so its module fixtures are
+built once. Modules with ``slow`` tests are scheduled first: the longest jobs start
+early instead of ending the run alone. Tests marked ``exclusive`` run with no other
+test beside them (``pytest_runtest_protocol``). ``-n 0`` runs in one process, as before.
 """
 
 from __future__ import annotations
 
 import atexit
+import fcntl
 import importlib
 import os
 import shutil
@@ -32,16 +41,70 @@ def _share_compilation_cache() -> None:
     directory = tempfile.mkdtemp(prefix="bb3x-jax-tests-xla-cache-")
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+    # A size limit turns on JAX's file lock around each read and write: parallel workers and
+    # their children then never read an entry another one is still writing.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(64 << 30))
     # Cache even quick compiles: a test run repeats thousands of them.
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     import jax  # already imported by a plugin or earlier code: set it on the live config too
 
     jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_compilation_cache_max_size", int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
     jax.config.update("jax_persistent_cache_min_compile_time_secs",
                       float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 _share_compilation_cache()
+
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config):
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules holding a ``slow`` test first (a stable sort: the order within each module is kept)."""
+    slow_modules = {item.module.__name__ for item in items
+                    if item.get_closest_marker("slow") is not None and getattr(item, "module", None) is not None}
+    items.sort(key=lambda item: getattr(item, "module", None) is None or item.module.__name__ not in slow_modules)
+
+
+def _lock_folder() -> str:
+    """One folder per run for the test locks, made by the first process (the xdist controller) and
+    inherited by its workers through the environment."""
+    if not os.environ.get("_BB3X_TESTS_LOCKS"):
+        directory = tempfile.mkdtemp(prefix="bb3x-jax-tests-locks-")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        os.environ["_BB3X_TESTS_LOCKS"] = directory
+    return os.environ["_BB3X_TESTS_LOCKS"]
+
+
+_lock_folder()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A test marked ``exclusive`` waits for the other workers' running tests to finish and holds their
+    next ones back until it is done, its module fixtures included (they are set up and torn down
+    inside this protocol). A readers-writer lock on files, with a turnstile that keeps the waiting
+    exclusive test from being starved; uncontended in a one-process run."""
+    exclusive = item.get_closest_marker("exclusive") is not None
+    base = _lock_folder()
+    with open(os.path.join(base, "turnstile"), "a") as turnstile, open(os.path.join(base, "tests"), "a") as tests:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(tests, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            if not exclusive:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(tests, fcntl.LOCK_UN)
+            if exclusive:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+
 
 PARLAI_INSTALL = 'pip install -e ".[test,parlai]" && pip install --no-deps parlai==1.7.2'
 

@@ -37,7 +37,9 @@ import pytest
 
 from tests.modes.test_train import REPO, RUN_FLAGS, SLOW_STEPS, STEPS, train_records
 
-pytestmark = pytest.mark.slow  # 5.5 to 8.5 minutes on a 2-core machine: 4 jobs, each compiling the step
+# Slow: 4 jobs, each compiling the step. Exclusive: a test beside it on the same cores could hold one
+# process back past gloo's 30 s rendezvous.
+pytestmark = [pytest.mark.slow, pytest.mark.exclusive]
 
 MESH = ("--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.tensor=2")
 # Several buckets: the processes must agree on each batch's shapes (pipeline.jax_length_sync).
