@@ -19,7 +19,7 @@ starts ``main.py`` children of its own, and XLA already threads each program), a
 ``--dist loadscope`` keeps a module's tests on one worker so its module fixtures are
 built once. Modules with ``slow`` tests are scheduled first: the longest jobs start
 early instead of ending the run alone. Tests marked ``exclusive`` run with no other
-test beside them (``pytest_runtest_protocol``). ``-n 0`` runs in one process, as before.
+test beside them (``pytest_runtest_protocol``). ``-n 0`` runs in one process.
 """
 
 from __future__ import annotations
@@ -35,12 +35,21 @@ import warnings
 import pytest
 
 
+def _run_folder(variable: str, prefix: str) -> str:
+    """The folder named by ``variable``; the first process of the run (the xdist controller, or the one
+    pytest process) makes it, removes it at exit, and passes it on to its workers and children
+    through the environment."""
+    if not os.environ.get(variable):
+        directory = tempfile.mkdtemp(prefix=prefix)
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        os.environ[variable] = directory
+    return os.environ[variable]
+
+
 def _share_compilation_cache() -> None:
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
-    directory = tempfile.mkdtemp(prefix="bb3x-jax-tests-xla-cache-")
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = directory
+    directory = _run_folder("JAX_COMPILATION_CACHE_DIR", "bb3x-jax-tests-xla-cache-")
     # A size limit turns on JAX's file lock around each read and write: parallel workers and
     # their children then never read an entry another one is still writing.
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(64 << 30))
@@ -65,22 +74,11 @@ def pytest_xdist_auto_num_workers(config):
 
 def pytest_collection_modifyitems(config, items):
     """Modules holding a ``slow`` test first (a stable sort: the order within each module is kept)."""
-    slow_modules = {item.module.__name__ for item in items
-                    if item.get_closest_marker("slow") is not None and getattr(item, "module", None) is not None}
-    items.sort(key=lambda item: getattr(item, "module", None) is None or item.module.__name__ not in slow_modules)
+    slow_modules = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow_modules)
 
 
-def _lock_folder() -> str:
-    """One folder per run for the test locks, made by the first process (the xdist controller) and
-    inherited by its workers through the environment."""
-    if not os.environ.get("_BB3X_TESTS_LOCKS"):
-        directory = tempfile.mkdtemp(prefix="bb3x-jax-tests-locks-")
-        atexit.register(shutil.rmtree, directory, ignore_errors=True)
-        os.environ["_BB3X_TESTS_LOCKS"] = directory
-    return os.environ["_BB3X_TESTS_LOCKS"]
-
-
-_lock_folder()
+LOCKS = _run_folder("_BB3X_TESTS_LOCKS", "bb3x-jax-tests-locks-")  # one per run, shared by its workers
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -90,8 +88,7 @@ def pytest_runtest_protocol(item, nextitem):
     inside this protocol). A readers-writer lock on files, with a turnstile that keeps the waiting
     exclusive test from being starved; uncontended in a one-process run."""
     exclusive = item.get_closest_marker("exclusive") is not None
-    base = _lock_folder()
-    with open(os.path.join(base, "turnstile"), "a") as turnstile, open(os.path.join(base, "tests"), "a") as tests:
+    with open(os.path.join(LOCKS, "turnstile"), "a") as turnstile, open(os.path.join(LOCKS, "tests"), "a") as tests:
         fcntl.flock(turnstile, fcntl.LOCK_EX)
         try:
             fcntl.flock(tests, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
