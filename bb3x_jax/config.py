@@ -219,10 +219,13 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def _without_inert(flat: dict) -> dict:
-    """``flat`` without the settings that change nothing as set (the anchor's direction, unanchored)."""
+    """``flat`` without the settings that change nothing as set: the anchor's direction when unanchored,
+    and the objective options its objective does not read (``train.k`` of an mle run)."""
+    inert = {f"train.{option}" for option in cringe.KNOWN_OPTIONS
+             - set(cringe.OBJECTIVE_OPTIONS.get(flat.get("train.objective"), cringe.KNOWN_OPTIONS))}
     if not flat.get("train.kl_anchor"):
-        flat = {k: v for k, v in flat.items() if k != "train.kl_anchor_direction"}
-    return flat
+        inert.add("train.kl_anchor_direction")
+    return {k: v for k, v in flat.items() if k not in inert}
 
 
 def check_resumable(saved: dict, config: config_dict.ConfigDict, checkpoint: str = "") -> None:

@@ -348,13 +348,14 @@ def anchor_kl(
 
 # Keyword options each objective takes; objective_loss accepts their union and
 # passes each objective only its own (so one config can switch objectives).
-_OPTIONS: dict[str, tuple[str, ...]] = {
+# The options each objective reads (objective_loss drops the others).
+OBJECTIVE_OPTIONS: dict[str, tuple[str, ...]] = {
     "cringe": ("alpha", "k", "pad_id", "detach_positives", "train_ce_on_positive"),
     "mle": ("pad_id",),
     "mle_positive_only": ("pad_id", "train_ce_on_positive"),
     "unlikelihood": ("alpha", "pad_id", "train_ce_on_positive"),
 }
-_KNOWN_OPTIONS = frozenset(o for options in _OPTIONS.values() for o in options)
+KNOWN_OPTIONS = frozenset(o for options in OBJECTIVE_OPTIONS.values() for o in options)
 
 
 def objective_loss(
@@ -365,12 +366,12 @@ def objective_loss(
     Options an objective does not use (e.g. ``k`` for ``mle``) are ignored;
     unknown option names raise TypeError.
     """
-    if name not in _OPTIONS:
+    if name not in OBJECTIVE_OPTIONS:
         raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
-    unknown = sorted(set(kw) - _KNOWN_OPTIONS)
+    unknown = sorted(set(kw) - KNOWN_OPTIONS)
     if unknown:
-        raise TypeError(f"unknown objective option(s) {unknown}; known: {sorted(_KNOWN_OPTIONS)}")
-    options = {key: value for key, value in kw.items() if key in _OPTIONS[name]}
+        raise TypeError(f"unknown objective option(s) {unknown}; known: {sorted(KNOWN_OPTIONS)}")
+    options = {key: value for key, value in kw.items() if key in OBJECTIVE_OPTIONS[name]}
     if name == "cringe":
         return cringe_loss(logits, targets, feedback, rng, **options)
     if name == "mle":

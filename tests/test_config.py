@@ -156,6 +156,31 @@ def test_a_checkpoint_older_than_the_kl_anchor_resumes_as_unanchored():
         config_lib.check_resumable(recorded, anchored)
 
 
+def test_objective_options_the_objective_does_not_read_do_not_block_a_resume():
+    """An mle run never reads train.k, alpha or detach_positives: changing them resumes it (and reuses a
+    finished mle stage); for cringe, which reads them, the change is refused, naming the key."""
+    import json
+
+    mle = cringe.get_config()
+    mle.train.objective = "mle"
+    saved = json.loads(mle.to_json_best_effort())
+    for key, value in (("k", 5), ("alpha", 0.5), ("detach_positives", True)):
+        changed = cringe.get_config()
+        changed.train.objective = "mle"
+        changed.train[key] = value
+        config_lib.check_resumable(saved, changed)
+        changed.train.objective = "cringe"
+        recorded = json.loads(cringe.get_config().to_json_best_effort())
+        with pytest.raises(config_lib.ConfigError, match=f"config.train.{key}: "):
+            config_lib.check_resumable(recorded, changed)
+    positive_only = cringe.get_config()
+    positive_only.train.objective = "mle_positive_only"
+    recorded = json.loads(positive_only.to_json_best_effort())
+    positive_only.train.train_ce_on_positive = False  # read by mle_positive_only
+    with pytest.raises(config_lib.ConfigError, match="config.train.train_ce_on_positive"):
+        config_lib.check_resumable(recorded, positive_only)
+
+
 def test_kl_anchor_without_a_start_is_refused(tmp_path):
     """The anchor is the model the run starts from: without train.init_from there is none."""
     from bb3x_jax.train import runtime
