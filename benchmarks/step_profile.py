@@ -32,15 +32,12 @@ import re
 import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import jax  # noqa: E402
 
-from bb3x_jax import sharding  # noqa: E402
 from bb3x_jax.modes import bench  # noqa: E402
-from bb3x_jax.train import runtime  # noqa: E402
 from configs import cringe as cringe_config  # noqa: E402
 
 TINY = dict(model="tiny", steps=1, batch=2, context=16, label=8)
@@ -114,21 +111,9 @@ def main(argv=None) -> list[dict]:
         config.bench.batch, config.bench.context, config.bench.label = args.batch, args.context, args.label
     b = config.bench
     with tempfile.TemporaryDirectory() as workdir:
-        setup = runtime.Setup(config, workdir, with_data=False)
-        batch = sharding.put_batch(bench.synthetic_batch(setup.model_cfg, b.batch, b.context, b.label,
-                                                         b.negative_fraction, config.seed), setup.mesh)
-        compiled = setup.train_step.lower(setup.state, batch, setup.anchor).compile()
+        setup, _, batch, compiled, _ = bench.compiled_step(config, workdir)
         index = hlo_index(compiled.as_text())
-        state = setup.state
-        for _ in range(2):
-            state, _ = compiled(state, batch, setup.anchor)
-        jax.block_until_ready(state)
-        times = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            state, _ = compiled(state, batch, setup.anchor)
-            jax.block_until_ready(state)
-            times.append(time.perf_counter() - start)
+        state, _, times = bench.timed_steps(compiled, setup.state, batch, setup.anchor, 2, args.steps)
         trace_dir = os.path.join(workdir, "trace")
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
             for _ in range(args.steps):

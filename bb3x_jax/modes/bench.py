@@ -109,27 +109,38 @@ def decode_speed(network, context_ids: np.ndarray, decode_len: int, beams: int, 
             "decode_tokens_per_s": len(context_ids) * decode_len / median, "decode_compile_s": compile_s}
 
 
-def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
+def compiled_step(config: config_dict.ConfigDict, workdir: str):
+    """(setup, host batch, device batch, compiled train step, compile seconds) for ``config.bench``'s shapes."""
     b = config.bench
     setup = setup_lib.Setup(config, workdir, with_data=False)
-    cfg = setup.model_cfg
-    local = synthetic_batch(cfg, b.batch, b.context, b.label, b.negative_fraction, config.seed)
+    local = synthetic_batch(setup.model_cfg, b.batch, b.context, b.label, b.negative_fraction, config.seed)
     batch = sharding.put_batch(local, setup.mesh)
-    state = setup.state
-    compile_start = time.perf_counter()
-    compiled = setup.train_step.lower(state, batch, setup.anchor).compile()
-    compile_s = time.perf_counter() - compile_start
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    for _ in range(b.warmup):
-        state, metrics = compiled(state, batch, setup.anchor)
+    start = time.perf_counter()
+    compiled = setup.train_step.lower(setup.state, batch, setup.anchor).compile()
+    return setup, local, batch, compiled, time.perf_counter() - start
+
+
+def timed_steps(compiled, state, batch, anchor, warmup: int, steps: int):
+    """(state, last metrics, seconds of each of ``steps`` steps after ``warmup`` untimed ones)."""
+    for _ in range(warmup):
+        state, metrics = compiled(state, batch, anchor)
     jax.block_until_ready(state)
     times = []
-    for _ in range(b.steps):
+    for _ in range(steps):
         start = time.perf_counter()
-        state, metrics = compiled(state, batch, setup.anchor)
+        state, metrics = compiled(state, batch, anchor)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
+    return state, metrics, times
+
+
+def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
+    b = config.bench
+    setup, local, batch, compiled, compile_s = compiled_step(config, workdir)
+    cfg = setup.model_cfg
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    state, metrics, times = timed_steps(compiled, setup.state, batch, setup.anchor, b.warmup, b.steps)
     median = statistics.median(times)
     flops = model_flops_per_step(cfg, b.batch, b.context, b.label)
     device = jax.devices()[0]
