@@ -348,7 +348,6 @@ def anchor_kl(
 
 # Keyword options each objective takes; objective_loss accepts their union and
 # passes each objective only its own (so one config can switch objectives).
-# The options each objective reads (objective_loss drops the others).
 OBJECTIVE_OPTIONS: dict[str, tuple[str, ...]] = {
     "cringe": ("alpha", "k", "pad_id", "detach_positives", "train_ce_on_positive"),
     "mle": ("pad_id",),

@@ -61,9 +61,8 @@ def hlo_index(hlo_text: str) -> dict[str, dict[str, str]]:
     return index
 
 
-def classify(name: str, info: dict[str, str] | None) -> tuple[str, str]:
-    """(phase, kind) of one executed op."""
-    info = info or {"opcode": "", "op_name": "", "body": ""}
+def classify(name: str, info: dict[str, str]) -> tuple[str, str]:
+    """(phase, kind) of one executed op (``info``: its ``hlo_index`` entry)."""
     op_name = info["op_name"]
     phase = "backward" if "transpose(jvp" in op_name else "forward" if "jvp(" in op_name else "update"
     if info["opcode"] == "dot" or " dot(" in info["body"]:
@@ -125,18 +124,17 @@ def main(argv=None) -> list[dict]:
     for name, micros in totals.items():
         if name not in index:  # runtime and Python events, not XLA ops
             continue
-        ms = micros / 1e3 / args.steps
-        group = groups[classify(name, index[name])]
-        group[0] += ms
-        group[1] += 1
-        singles.append((ms, name))
+        ms, place = micros / 1e3 / args.steps, classify(name, index[name])
+        groups[place][0] += ms
+        groups[place][1] += 1
+        singles.append((ms, name, place))
     records = [{"phase": phase, "kind": kind, "ms_per_step": round(ms, 2), "ops": count}
                for (phase, kind), (ms, count) in sorted(groups.items(), key=lambda kv: -kv[1][0])]
-    records += [{"op": name, "ms_per_step": round(ms, 2), "phase_kind": "/".join(classify(name, index[name])),
-                 "op_name": index[name]["op_name"][:120]} for ms, name in sorted(singles, reverse=True)[:args.top]]
+    records += [{"op": name, "ms_per_step": round(ms, 2), "phase_kind": "/".join(place),
+                 "op_name": index[name]["op_name"][:120]} for ms, name, place in sorted(singles, reverse=True)[:args.top]]
     records.append({"model": args.model, "batch": b.batch, "context": b.context, "label": b.label,
                     "step_s_median": round(statistics.median(times), 4),
-                    "profiled_ms_per_step": round(sum(ms for ms, _ in singles), 1), "backend": jax.default_backend()})
+                    "profiled_ms_per_step": round(sum(ms for ms, _, _ in singles), 1), "backend": jax.default_backend()})
     for record in records:
         print(json.dumps(record))
     return records
