@@ -145,6 +145,7 @@ def validate(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
     _require(it.contexts >= 0, "iterate.contexts", "must be >= 0 (0: every train context)")
     _require(it.steps >= 1, "iterate.steps", "must be positive")
     _require(it.generated_repeat >= 1, "iterate.generated_repeat", "must be positive")
+    _require(it.anchor in ("previous", "baseline"), "iterate.anchor", f"{it.anchor!r} is not previous or baseline")
     _require(it.judge in ("auto", "synthetic", "classifier"), "iterate.judge",
              f"{it.judge!r} is not auto, synthetic or classifier")
     _require(not it.deployment or os.path.isdir(os.path.expanduser(it.deployment)), "iterate.deployment",
@@ -195,7 +196,7 @@ def model_overrides(config: config_dict.ConfigDict) -> dict:
 
 # Settings newer than some checkpoints, each with the value that trains what those checkpoints
 # trained: a recorded config without the key counts as having this value.
-_ADDED_SETTINGS = {"train.kl_anchor": 0.0, "train.kl_anchor_direction": "forward"}
+_ADDED_SETTINGS = {"train.kl_anchor": 0.0, "train.kl_anchor_direction": "forward", "train.kl_anchor_from": ""}
 # Config keys (and sections, ending in '.') a resumed run may change: they do not change what was
 # trained so far. Everything else (model, tokenizer, data source and stream, objective, optimizer,
 # seed) must equal the checkpoint's. ``data.dir`` only says where the prepared data is kept.
@@ -219,12 +220,12 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def _without_inert(flat: dict) -> dict:
-    """``flat`` without the settings that change nothing as set: the anchor's direction when unanchored,
-    and the objective options its objective does not read (``train.k`` of an mle run)."""
+    """``flat`` without the settings that change nothing as set: the anchor's direction and weights when
+    unanchored, and the objective options its objective does not read (``train.k`` of an mle run)."""
     inert = {f"train.{option}" for option in cringe.KNOWN_OPTIONS
              - set(cringe.OBJECTIVE_OPTIONS.get(flat.get("train.objective"), cringe.KNOWN_OPTIONS))}
     if not flat.get("train.kl_anchor"):
-        inert.add("train.kl_anchor_direction")
+        inert.update({"train.kl_anchor_direction", "train.kl_anchor_from"})
     return {k: v for k, v in flat.items() if k not in inert}
 
 

@@ -99,6 +99,9 @@ def get_config() -> config_dict.ConfigDict:
             # reverse: KL(model || start), which charges most for mass moved to unlikely tokens.
             "kl_anchor": 0.0,
             "kl_anchor_direction": "forward",
+            # The anchor's weights when they are not the start's: a checkpoint as init_from reads
+            # it, with the trained model's parameter shapes ('' -> the model the run starts from).
+            "kl_anchor_from": "",
             "detach_positives": False,
             "train_ce_on_positive": True,
             "steps": 300,
@@ -178,6 +181,10 @@ def get_config() -> config_dict.ConfigDict:
             "contexts": 2000,  # training contexts generated for per iteration (0: all)
             "steps": 300,
             "generated_repeat": 1,  # how many times each generated split is read per epoch
+            # With train.kl_anchor > 0, what each iteration is anchored to: previous (the model it
+            # starts from) or baseline (iteration 0's model, for every iteration: the drift of all
+            # iterations together is charged, not each iteration's own).
+            "anchor": "previous",  # previous | baseline
             # auto: the synthetic world's judge on the synthetic release, else the
             # feedback classifier of --mode=train_judge (judge.path)
             "judge": "auto",  # auto | synthetic | classifier

@@ -156,6 +156,32 @@ def test_a_checkpoint_older_than_the_kl_anchor_resumes_as_unanchored():
         config_lib.check_resumable(recorded, anchored)
 
 
+def test_the_anchors_weights_count_only_for_an_anchored_run():
+    """train.kl_anchor_from changes nothing without an anchor (a resume ignores it); with one, another
+    anchor is refused naming the key, and a checkpoint older than the setting anchored to its start."""
+    import json
+
+    unanchored = cringe.get_config()
+    recorded = json.loads(unanchored.to_json_best_effort())
+    unanchored.train.kl_anchor_from = "/models/baseline"
+    config_lib.check_resumable(recorded, unanchored)
+    anchored = cringe.get_config()
+    anchored.train.kl_anchor = 1.0
+    recorded = json.loads(anchored.to_json_best_effort())
+    del recorded["train"]["kl_anchor_from"]
+    config_lib.check_resumable(recorded, anchored)
+    anchored.train.kl_anchor_from = "/models/baseline"
+    with pytest.raises(config_lib.ConfigError, match=r"config.train.kl_anchor_from: .*'' -> '/models/baseline'"):
+        config_lib.check_resumable(recorded, anchored)
+
+
+def test_iterate_anchor_names_its_choices():
+    config = cringe.get_config()
+    config.iterate.anchor = "first"
+    with pytest.raises(config_lib.ConfigError, match="config.iterate.anchor: 'first' is not previous or baseline"):
+        config_lib.validate(config)
+
+
 def test_objective_options_the_objective_does_not_read_do_not_block_a_resume():
     """An mle run never reads train.k, alpha or detach_positives: changing them resumes it (and reuses a
     finished mle stage); for cringe, which reads them, the change is refused, naming the key."""

@@ -286,7 +286,7 @@ def same_data_control(config: config_dict.ConfigDict, workdir: str, objective: s
     previous = start
     for iteration in range(1, config.iterate.iterations + 1):
         run_dir = os.path.join(workdir, "controls", objective, str(iteration))
-        cfg = copy.deepcopy(iterate.iteration_config(config, workdir, iteration, previous))
+        cfg = copy.deepcopy(iterate.iteration_config(config, workdir, iteration, previous, start))
         with cfg.unlocked():
             cfg.train.objective = objective
         cfg = config_lib.validate(cfg)

@@ -84,14 +84,18 @@ def derived_config(config: config_dict.ConfigDict, workdir: str, changes: dict[s
 
 
 def iteration_config(config: config_dict.ConfigDict, workdir: str, iteration: int,
-                     init_from: str) -> config_dict.ConfigDict:
+                     init_from: str, baseline: str) -> config_dict.ConfigDict:
     """The training run of ``iteration``: ``config.train`` for ``iterate.steps`` steps from
-    ``init_from``, on the train split plus generated splits 1..iteration."""
+    ``init_from``, on the train split plus generated splits 1..iteration; anchored (``train.kl_anchor``)
+    to ``init_from`` or, with ``iterate.anchor=baseline``, to ``baseline`` (iteration 0's model)."""
     splits = [os.path.join(iteration_dir(workdir, i), "generated") for i in range(1, iteration + 1)]
+    # Iteration 1 starts from the baseline: the same run either way, and the same recorded settings.
+    anchored_to_baseline = config.train.kl_anchor and config.iterate.anchor == "baseline" and baseline != init_from
     return derived_config(config, workdir, {
         "seed": config.seed + iteration,
         "train.steps": config.iterate.steps,
         "train.init_from": init_from,
+        "train.kl_anchor_from": baseline if anchored_to_baseline else config.train.kl_anchor_from,
         "data.extra_train": tuple(p for p in splits for _ in range(config.iterate.generated_repeat)),
         "eval.checkpoint": "latest",  # the model the next iteration continues from
     })
@@ -307,7 +311,7 @@ def iterations(config: config_dict.ConfigDict, workdir: str, last: int, judge_na
             make_split(iteration, previous)
         split_meta = json.load(open(os.path.join(split_path, "meta.json")))
         check_split(split_meta, split_path, previous, iteration)
-        cfg = iteration_config(config, workdir, iteration, previous)
+        cfg = iteration_config(config, workdir, iteration, previous, start)
         if not stages.training_finished(cfg, run_dir, workdir):
             logging.info("iteration %d: training %d steps from %s", iteration, cfg.train.steps, previous)
             loop.run(cfg, run_dir)

@@ -43,9 +43,10 @@ class Setup:
         self.tokenizer_spec = dataset.tokenizer_spec(config, self.built) if with_data else None
         # How every batch, generation and chat frames text: resolved once (it reads the checkpoint's files).
         self.framing = config_lib.framing(config, self.tokenizer_spec) if with_data else None
-        if with_optimizer and config.train.kl_anchor and not config.train.init_from:
+        train = config.train
+        if with_optimizer and train.kl_anchor and not (train.init_from or train.kl_anchor_from):
             raise config_lib.ConfigError("train.kl_anchor", "the anchor is the model the run starts from: "
-                                                            "set train.init_from, or kl_anchor=0")
+                                                            "set train.init_from (or kl_anchor_from), or kl_anchor=0")
         self.model_cfg, model = init_model(config, self.tokenizer, self.mesh)
         self.pad_id = self.model_cfg.pad_id
         if not with_optimizer:  # inference only: parameters, no optimizer state
@@ -55,11 +56,23 @@ class Setup:
         self.tx = optimizer(config)
         self.graphdef, self.state = step_lib.init_state(model, self.tx, config.seed, self.mesh)
         self.params, self.rest = self.state.params, self.state.rest
-        # The KL anchor is the model the run starts from (train.init_from), also when it resumes:
-        # a copy, since the step donates the state's buffers.
-        self.anchor = jax.tree.map(jnp.copy, self.state.params) if config.train.kl_anchor else None
+        self.anchor = self._anchor(config) if train.kl_anchor else None
         # Called as train_step(state, batch, anchor).
         self.train_step = train_step(config, self.graphdef, self.tx, self.pad_id, self.mesh)
+
+    def _anchor(self, config: config_dict.ConfigDict):
+        """The KL anchor's parameters, also when the run resumes: ``train.kl_anchor_from``'s, or a copy of
+        the start's (``train.init_from``; a copy, since the step donates the state's buffers)."""
+        path = config.train.kl_anchor_from
+        if not path:
+            return jax.tree.map(jnp.copy, self.state.params)
+        _, model = init_model(config, self.tokenizer, self.mesh, path=path, key="train.kl_anchor_from")
+        anchor = nnx.state(model, nnx.Param)
+        shapes = [jax.tree.map(lambda x: (x.shape, x.dtype), tree) for tree in (anchor, self.state.params)]
+        if jax.tree.structure(shapes[0]) != jax.tree.structure(shapes[1]) or shapes[0] != shapes[1]:
+            raise config_lib.ConfigError("train.kl_anchor_from", f"{path} does not hold the trained model's "
+                                                                 "parameters (names, shapes or dtypes differ)")
+        return anchor
 
     @property
     def parameter_count(self) -> int:
@@ -102,9 +115,11 @@ def train_step(config: config_dict.ConfigDict, graphdef, tx, pad_id: int, mesh) 
     ), mesh)
 
 
-def init_model(config: config_dict.ConfigDict, tokenizer, mesh):
-    """(ModelConfig, model): random from the preset, or the weights of ``train.init_from``."""
-    path = config.train.init_from
+def init_model(config: config_dict.ConfigDict, tokenizer, mesh, *, path: str | None = None,
+               key: str = "train.init_from"):
+    """(ModelConfig, model): random from the preset, or the weights of ``train.init_from`` (or of
+    ``path``, which errors name as ``key``)."""
+    path = config.train.init_from if path is None else path
     if not path:
         if tokenizer is None:  # synthetic batches: the preset's own vocabulary
             cfg = model_config.preset(config.model.preset, **config_lib.model_overrides(config))
@@ -114,15 +129,15 @@ def init_model(config: config_dict.ConfigDict, tokenizer, mesh):
     try:
         loaded = api.load(path, bpe_dir=config.data.tokenizer.bpe_dir, trust_pickle=config.train.trust_pickle)
     except (OSError, ValueError) as error:  # a missing or unreadable checkpoint file is the user's to fix
-        raise config_lib.ConfigError("train.init_from", str(error)) from None
+        raise config_lib.ConfigError(key, str(error)) from None
     cfg = loaded.config.replace(**config_lib.model_overrides(config))
-    config_lib.check_positions(config, cfg, "train.init_from", path)
+    config_lib.check_positions(config, cfg, key, path)
     if tokenizer is not None:
         ids = {"pad_id": tokenizer.pad_id, "end_id": tokenizer.end_id}
         wrong = {k: (getattr(cfg, k), v) for k, v in ids.items() if getattr(cfg, k) != v}
         if wrong or tokenizer.vocab_size > cfg.vocab_size:
             raise config_lib.ConfigError(
-                "train.init_from",
+                key,
                 f"{path} does not fit the tokenizer: ids (model, tokenizer) {wrong}, "
                 f"vocab {cfg.vocab_size} vs {tokenizer.vocab_size}; configure data.tokenizer to the checkpoint's",
             )

@@ -54,8 +54,9 @@ def _align_paths(saved: dict[str, Any], now: dict[str, Any], workdir: str) -> di
     has them, so that only a real difference is reported."""
     saved = json.loads(json.dumps(saved))
     train, data = saved.get("train", {}), saved.get("data", {})
-    if _same_place(train.get("init_from") or "", now["train"].get("init_from") or "", workdir):
-        train["init_from"] = now["train"]["init_from"]
+    for key in ("init_from", "kl_anchor_from"):
+        if _same_place(train.get(key) or "", now["train"].get(key) or "", workdir):
+            train[key] = now["train"][key]
     old_splits, new_splits = list(data.get("extra_train") or ()), list(now["data"].get("extra_train") or ())
     if len(old_splits) == len(new_splits) and all(_same_place(a, b, workdir) for a, b in zip(old_splits, new_splits)):
         data["extra_train"] = now["data"].get("extra_train")  # none, or the same splits: as now writes them

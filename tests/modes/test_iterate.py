@@ -86,6 +86,29 @@ def test_iterations_generate_judge_balance_train_and_evaluate(straight):
     assert "| iteration | good % |" in out.stdout
 
 
+def test_iterate_anchor_baseline_anchors_every_iteration_to_iteration_0(tmp_path):
+    """With iterate.anchor=baseline every iteration after the first is anchored to the baseline
+    (train.kl_anchor_from), not to the model it starts from; the first starts from the baseline, so
+    it is the same run, with the same recorded settings, either way. Without an anchor, nothing is set."""
+    from bb3x_jax.modes import iterate
+    from configs import cringe
+
+    config = cringe.get_config()
+    config.train.kl_anchor = 1.0
+    config.data.tokenizer.kind = "sentencepiece"  # not the (here empty) checkpoints' own
+    base, previous = str(tmp_path / "checkpoints" / "4000"), str(tmp_path / "iterations" / "1" / "checkpoints" / "300")
+
+    def anchor_from(config, iteration, init_from):
+        return iterate.iteration_config(config, str(tmp_path), iteration, init_from, base).train.kl_anchor_from
+
+    assert anchor_from(config, 2, previous) == ""  # previous: the start, train.init_from
+    config.iterate.anchor = "baseline"
+    assert anchor_from(config, 2, previous) == base
+    assert anchor_from(config, 1, base) == ""
+    config.train.kl_anchor = 0.0
+    assert anchor_from(config, 2, previous) == ""
+
+
 def test_generated_split_joins_the_training_batches(base, tmp_path):
     """With data.extra_train the train iterator reads the release's examples and then the generated
     ones (by index), each generated example being the judged response as the label."""

@@ -42,3 +42,16 @@ def test_paths_into_a_moved_workdir_are_the_same_place(tmp_path):
     assert not stages._same_place("/old/wd/iterations/2/generated", new, workdir)
     assert not stages._same_place("/old/wd/iterations/1/generated", "/elsewhere/iterations/1/generated", workdir)
     assert not stages._same_place("", new, workdir)
+
+
+def test_a_moved_workdirs_start_and_anchor_are_aligned(tmp_path):
+    """A finished run recorded under the workdir's old location (its start, its KL anchor) compares as
+    made at the new one; an anchor elsewhere stays as recorded, so the difference is reported."""
+    workdir = str(tmp_path / "new")
+    now = {"train": {"init_from": os.path.join(workdir, "iterations", "1", "checkpoints", "300"),
+                     "kl_anchor_from": os.path.join(workdir, "checkpoints", "4000")}, "data": {}}
+    saved = {"train": {"init_from": "/old/wd/iterations/1/checkpoints/300",
+                       "kl_anchor_from": "/old/wd/checkpoints/4000"}, "data": {}}
+    assert stages._align_paths(saved, now, workdir)["train"] == now["train"]
+    saved["train"]["kl_anchor_from"] = "/models/other/4000"
+    assert stages._align_paths(saved, now, workdir)["train"]["kl_anchor_from"] == "/models/other/4000"
