@@ -68,8 +68,7 @@ class Setup:
             return jax.tree.map(jnp.copy, self.state.params)
         _, model = init_model(config, self.tokenizer, self.mesh, path=path, key="train.kl_anchor_from")
         anchor = nnx.state(model, nnx.Param)
-        shapes = [jax.tree.map(lambda x: (x.shape, x.dtype), tree) for tree in (anchor, self.state.params)]
-        if jax.tree.structure(shapes[0]) != jax.tree.structure(shapes[1]) or shapes[0] != shapes[1]:
+        if _signature(anchor) != _signature(self.state.params):
             raise config_lib.ConfigError("train.kl_anchor_from", f"{path} does not hold the trained model's "
                                                                  "parameters (names, shapes or dtypes differ)")
         return anchor
@@ -113,6 +112,11 @@ def train_step(config: config_dict.ConfigDict, graphdef, tx, pad_id: int, mesh) 
         kl_anchor_direction=train.kl_anchor_direction, alpha=train.alpha, k=train.k,
         detach_positives=train.detach_positives, train_ce_on_positive=train.train_ce_on_positive, pad_id=pad_id,
     ), mesh)
+
+
+def _signature(params) -> list:
+    """(path, shape, dtype) of every parameter: what an anchor must share with the trained model."""
+    return [(path, x.shape, x.dtype) for path, x in jax.tree_util.tree_leaves_with_path(params)]
 
 
 def init_model(config: config_dict.ConfigDict, tokenizer, mesh, *, path: str | None = None,
