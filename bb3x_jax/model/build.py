@@ -8,6 +8,8 @@ simulated devices, a GPU or a pod slice.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -33,21 +35,24 @@ def parameter_shardings(abstract_state, mesh: Mesh):
     return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+@functools.lru_cache(maxsize=16)
+def _initializer(cfg: ModelConfig, seed: int, mesh: Mesh | None):
+    """(graphdef, jitted initialiser) per (config, seed, mesh): kept, so that building the same model
+    again in a process (an experiment's stages, a test's runs) reuses the compiled initialiser."""
+    abstract = nnx.eval_shape(lambda: construct(cfg, seed))
+    graphdef, abstract_state = nnx.split(abstract)
+    out_shardings = None if mesh is None else parameter_shardings(abstract_state, mesh)
+    return graphdef, jax.jit(lambda: nnx.state(construct(cfg, seed)), out_shardings=out_shardings)
+
+
 def build(cfg: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None) -> Transformer:
     """A randomly initialised model; with ``mesh``, parameters are created sharded.
 
     Initialisation always runs jitted, so the values do not depend on the mesh
     (random bits are sharding-invariant with threefry partitionable keys).
     """
-    abstract = nnx.eval_shape(lambda: construct(cfg, seed))
-    graphdef, abstract_state = nnx.split(abstract)
-    out_shardings = None if mesh is None else parameter_shardings(abstract_state, mesh)
-
-    def init():
-        return nnx.state(construct(cfg, seed))
-
-    state = jax.jit(init, out_shardings=out_shardings)()
-    return nnx.merge(graphdef, state)
+    graphdef, init = _initializer(cfg, seed, mesh)
+    return nnx.merge(graphdef, init())
 
 
 def with_params(cfg: ModelConfig, params, *, seed: int = 0, mesh: Mesh | None = None) -> Transformer:

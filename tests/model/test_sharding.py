@@ -21,10 +21,14 @@ SCRIPT = textwrap.dedent(
     for preset, overrides, shapes in (("tiny", {}, ((2, 2, 2), (1, 8, 1), (1, 2, 4), (8, 1, 1))),
                                       ("tiny_opt", {}, ((2, 2, 2),)), ("tiny", scanned, ((2, 2, 2),))):
         cfg = config.preset(preset, **overrides)
+        plain = build.build(cfg, seed=3)
+        ids = jnp.array([[5, 6, 7, 9, 0, 0, 0, 0]] * 8)
+        dec = jnp.array([[1, 4, 5, 3]] * 8) if cfg.arch == "encoder_decoder" else ids
+        enc = ids if cfg.arch == "encoder_decoder" else None
+        b = plain(enc, dec)
         for shape in shapes:
             mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
             sharded = build.build(cfg, mesh=mesh, seed=3)
-            plain = build.build(cfg, seed=3)
             checked = 0
             for (path, var), (_, ref) in zip(nnx.iter_graph(sharded), nnx.iter_graph(plain)):
                 if not isinstance(var, nnx.Param):
@@ -35,11 +39,7 @@ SCRIPT = textwrap.dedent(
                 np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(ref[...]), err_msg=str(path))
                 checked += 1
             assert checked > 10
-            ids = jnp.array([[5, 6, 7, 9, 0, 0, 0, 0]] * 8)
-            dec = jnp.array([[1, 4, 5, 3]] * 8) if cfg.arch == "encoder_decoder" else ids
-            enc = ids if cfg.arch == "encoder_decoder" else None
             a = jax.jit(lambda m, x, y: m(x, y))(sharded, enc, dec)
-            b = plain(enc, dec)
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     # A big preset's layout is checked abstractly: one tensor-sharded ffn kernel.
     mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})

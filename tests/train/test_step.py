@@ -98,7 +98,18 @@ SHARDED = textwrap.dedent(
     from bb3x_jax.train import step as step_lib
     from tests.train.test_step import make_batch
 
+    import logging
     import optax
+
+    # Every XLA compilation is logged: the step must compile once per mesh, not again for the state it returns.
+    jax.config.update("jax_log_compiles", True)
+    compiled = []
+    handler = logging.Handler()
+    handler.emit = lambda record: compiled.append(record.getMessage())
+    logging.getLogger("jax").addHandler(handler)
+
+    def step_compiles():
+        return sum(m.startswith("Finished XLA compilation of jit(step)") for m in compiled)
 
     def run(mesh):
         cfg = config.preset("tiny", vocab_size=64, dropout=0.1)
@@ -106,9 +117,11 @@ SHARDED = textwrap.dedent(
         # near-zero gradients into visible parameter differences; SGD keeps the
         # comparison about the step itself (forward, dropout, backward, update).
         tx = optax.sgd(0.05)
-        graphdef, state = step_lib.init_state(build.build(cfg, seed=0, mesh=mesh), tx, 0)
+        # As the runtime does: with the mesh, the step counter and key are replicated over it.
+        graphdef, state = step_lib.init_state(build.build(cfg, seed=0, mesh=mesh), tx, 0, mesh)
         placed = jax.tree.map(lambda x: x.sharding, state.params)  # the rules table's (test_sharding)
         train_step = step_lib.make_train_step(graphdef, tx)
+        before = step_compiles()
         for i in range(3):
             batch = make_batch(i)
             if mesh is not None:
@@ -121,6 +134,7 @@ SHARDED = textwrap.dedent(
             else:
                 state, metrics = train_step(state, batch)
         if mesh is not None:  # the step keeps every parameter where the rules table put it
+            assert step_compiles() - before == 1, ("the step compiled again for its own output state", compiled)
             after = jax.tree.map(lambda x: x.sharding, state.params)
             assert all(a.is_equivalent_to(b, x.ndim) for a, b, x in
                        zip(jax.tree.leaves(placed), jax.tree.leaves(after), jax.tree.leaves(state.params)))
@@ -140,8 +154,9 @@ SHARDED = textwrap.dedent(
 
 def test_sharded_step_equals_single_device_step():
     """On 8 simulated devices and four mesh shapes, 3 steps (dropout on, activations constrained by
-    the rules table under the ambient mesh) give the single-device parameters to 1e-5, and every
-    parameter keeps the sharding the rules table gave it."""
+    the rules table under the ambient mesh) give the single-device parameters to 1e-5, every
+    parameter keeps the sharding the rules table gave it, and the step compiles once (its output
+    state has its input's shardings)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -176,13 +191,17 @@ def test_kl_anchor_keeps_the_model_near_its_start():
     assert anchored[0]["kl_anchor"] == 0.0
     assert "kl_anchor" not in runs[0.0][3][0]
 
-    def kl_to_start(state):
-        logits = nnx.merge(graphdef, state.params, state.rest).label_logits(
+    @jax.jit
+    def mean_kl(params, rest):
+        logits = nnx.merge(graphdef, params, rest).label_logits(
             batch["context_ids"], batch["label_ids"], deterministic=True)
-        start = nnx.merge(graphdef, anchor, state.rest).label_logits(
+        start = nnx.merge(graphdef, anchor, rest).label_logits(
             batch["context_ids"], batch["label_ids"], deterministic=True)
         kl, covered = cringe.anchor_kl(logits, start, batch["label_ids"], batch["feedback"])
-        return float(kl.sum() / covered.sum())
+        return kl.sum() / covered.sum()
+
+    def kl_to_start(state):
+        return float(mean_kl(state.params, state.rest))
 
     free, held = kl_to_start(runs[0.0][1]), kl_to_start(runs[5.0][1])
     assert held < 0.5 * free, (held, free)
