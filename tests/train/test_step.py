@@ -200,10 +200,7 @@ def test_kl_anchor_keeps_the_model_near_its_start():
         kl, covered = cringe.anchor_kl(logits, start, batch["label_ids"], batch["feedback"])
         return kl.sum() / covered.sum()
 
-    def kl_to_start(state):
-        return float(mean_kl(state.params, state.rest))
-
-    free, held = kl_to_start(runs[0.0][1]), kl_to_start(runs[5.0][1])
+    free, held = (float(mean_kl(runs[w][1].params, runs[w][1].rest)) for w in (0.0, 5.0))
     assert held < 0.5 * free, (held, free)
     assert anchored[-1]["ce_loss"] < 0.8 * anchored[0]["ce_loss"]
     assert 0.0 < anchored[1]["kl_anchor"] and abs(anchored[-1]["kl_anchor"] - held) < 0.1 * held
