@@ -58,5 +58,7 @@ def get_config() -> config_dict.ConfigDict:
     # (seed) in <workdir>/seed_<s>; the table reports mean ± sd. label_judge: classifier (the
     # feedback classifier trained on the release's feedback, as the paper did) or synthetic (the
     # ground truth labels too: an upper bound).
-    config.experiment = config_dict.ConfigDict({"seeds": (0, 1, 2), "label_judge": "classifier"})
+    # workers: the stages of all seeds run on this many processes at once, each pinned to its share
+    # of the CPUs (bb3x_jax/experiments/jobs.py); 0 runs them one after another in this process.
+    config.experiment = config_dict.ConfigDict({"seeds": (0, 1, 2), "label_judge": "classifier", "workers": 2})
     return config

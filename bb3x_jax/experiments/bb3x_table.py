@@ -7,7 +7,8 @@ by a classifier trained on that feedback, raises the share of good responses at
 every iteration (85.3% -> 88.7% -> 90.9% -> 94.4%, graded by crowdworkers). This
 script runs that recipe end to end on the synthetic release, on CPU, with
 ``configs/bb3x_table.py``, once per seed of ``experiment.seeds`` (the world's
-and the training's), each in ``<workdir>/seed_<s>/``:
+and the training's), each in ``<workdir>/seed_<s>/``, the stages of every seed run as
+jobs on ``experiment.workers`` pinned processes (``jobs.py``):
 
 1. **baseline** (BB3's stand-in): ``baseline.objective`` (likelihood on every
    bot response) for ``baseline.steps`` steps from random weights;
@@ -57,6 +58,7 @@ from ml_collections import config_dict, config_flags
 from bb3x_jax import config as config_lib
 from bb3x_jax import errors
 from bb3x_jax.eval import judges
+from bb3x_jax.experiments import jobs
 from bb3x_jax.modes import iterate, train_judge
 from bb3x_jax.modes import train as loop
 from bb3x_jax.train import stages
@@ -166,44 +168,98 @@ def judge_summary(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_seed(config: config_dict.ConfigDict, workdir: str, seed: int) -> dict[str, Any]:
-    """Every stage for one seed in ``workdir``; its rows (one per model, graded by the ground truth),
-    the judge's scores and the stage timings, also written to ``<workdir>/seed_result.json``."""
+def baseline_job(config: config_dict.ConfigDict, workdir: str, seed: int) -> dict[str, Any]:
+    """Trains the seed's baseline unless a finished one made with the same settings exists; its timings."""
+    tfds.disable_progress_bar()
     os.makedirs(workdir, exist_ok=True)
     stage = Stages(seed)
     base = baseline_config(config, workdir)
     if not stages.training_finished(base, workdir, workdir):
         stage("baseline_train", loop.run, base, workdir)
+    return {"rows": [], "timings_s": stage.timings}
+
+
+def iterations_job(config: config_dict.ConfigDict, workdir: str, seed: int, _baseline: dict) -> dict[str, Any]:
+    """The labelling judge (``experiment.label_judge=classifier``) and the CRINGE iterations from the
+    baseline: one row per model (the baseline's first), the judge's scores, the timings."""
+    tfds.disable_progress_bar()
+    stage = Stages(seed)
     judge = stage("judge", judge_stage, config, workdir) if config.experiment.label_judge == "classifier" else None
     rows = stage("iterations", iterate.run, config, workdir)
     labels = ["BB3 stand-in (baseline, " + config.baseline.objective + ")"]
     labels += [f"BB3x CRINGE iteration {r['iteration']}" for r in rows[1:]]
-    table_rows = [dict(row, name=name) for row, name in zip(rows, labels)]
-    if config.control.enabled:
-        control_dir = os.path.join(workdir, "control")
-        cfg = control_config(config, workdir, rows[0]["model"])
-        if not stages.training_finished(cfg, control_dir, workdir):
-            stage("control_train", loop.run, cfg, control_dir)
-        evaluation = stage("control_eval", iterate.evaluation, cfg, control_dir)
-        row = iterate.result_row(0, iterate.latest_checkpoint(control_dir), evaluation, None)
-        table_rows.append(dict(row, iteration=None,
-                               name=f"control: baseline + {cfg.train.steps} more {cfg.train.objective} steps"))
-    for objective in same_data_objectives(config):
-        table_rows.append(stage(f"control_{objective}", same_data_control, config, workdir, objective,
-                                rows[0]["model"]))
+    return {"rows": [dict(row, name=name) for row, name in zip(rows, labels)], "judge": judge,
+            "timings_s": stage.timings}
+
+
+def control_job(config: config_dict.ConfigDict, workdir: str, seed: int, _baseline: dict) -> dict[str, Any]:
+    """The baseline trained on by likelihood for as many steps as all the iterations take, evaluated."""
+    tfds.disable_progress_bar()
+    stage = Stages(seed)
+    control_dir = os.path.join(workdir, "control")
+    cfg = control_config(config, workdir, iterate.starting_checkpoint(config, workdir))
+    if not stages.training_finished(cfg, control_dir, workdir):
+        stage("control_train", loop.run, cfg, control_dir)
+    evaluation = stage("control_eval", iterate.evaluation, cfg, control_dir)
+    row = iterate.result_row(0, iterate.latest_checkpoint(control_dir), evaluation, None)
+    row = dict(row, iteration=None, name=f"control: baseline + {cfg.train.steps} more {cfg.train.objective} steps")
+    return {"rows": [row], "timings_s": stage.timings}
+
+
+def same_data_job(config: config_dict.ConfigDict, workdir: str, seed: int, objective: str,
+                  iterations: dict) -> dict[str, Any]:
+    """``objective`` trained like the iterations on CRINGE's generated splits (``same_data_control``)."""
+    tfds.disable_progress_bar()
+    stage = Stages(seed)
+    row = stage(f"control_{objective}", same_data_control, config, workdir, objective, iterations["rows"][0]["model"])
+    return {"rows": [row], "timings_s": stage.timings}
+
+
+def seed_result_job(config: config_dict.ConfigDict, workdir: str, seed: int, *parts: dict) -> dict[str, Any]:
+    """One seed's table rows in order (baseline, iterations, controls), each also graded on sampled
+    responses (``sampled.enabled``); written with the judge's scores and the stage timings to
+    ``<workdir>/seed_result.json``."""
+    tfds.disable_progress_bar()
+    stage = Stages(seed)
+    table_rows = [row for part in parts for row in part["rows"]]
     if config.sampled.enabled:
         stage("sampled_eval", add_sampled_evaluations, config, workdir, table_rows)
-    result = {"seed": seed, "rows": table_rows, "judge": judge, "timings_s": stage.timings}
+    timings = {name: t for part in parts for name, t in part["timings_s"].items()}
+    judge = next((part["judge"] for part in parts if "judge" in part), None)
+    result = {"seed": seed, "rows": table_rows, "judge": judge, "timings_s": {**timings, **stage.timings}}
     with open(os.path.join(workdir, "seed_result.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
+
+
+def experiment_jobs(config: config_dict.ConfigDict, workdir: str) -> list[jobs.Job]:
+    """Every seed's stages as jobs, longest chains first: the baselines, the iterations, the same-data
+    controls, the likelihood control, then each seed's sampled grading and result."""
+    seeds = list(config.experiment.seeds)
+    cfg = {s: seed_config(config, s) for s in seeds}
+    run_dir = {s: os.path.join(workdir, f"seed_{s}") for s in seeds}
+    name = lambda s, part: f"seed {s}: {part}"  # noqa: E731
+    listed = [jobs.Job(name(s, "baseline"), baseline_job, (cfg[s], run_dir[s], s)) for s in seeds]
+    listed += [jobs.Job(name(s, "iterations"), iterations_job, (cfg[s], run_dir[s], s), (name(s, "baseline"),))
+               for s in seeds]
+    listed += [jobs.Job(name(s, objective), same_data_job, (cfg[s], run_dir[s], s, objective),
+                        (name(s, "iterations"),)) for s in seeds for objective in same_data_objectives(config)]
+    if config.control.enabled:
+        listed += [jobs.Job(name(s, "control"), control_job, (cfg[s], run_dir[s], s), (name(s, "baseline"),))
+                   for s in seeds]
+    for s in seeds:
+        parts = [name(s, "baseline"), name(s, "iterations")] + ([name(s, "control")] if config.control.enabled else [])
+        parts += [name(s, objective) for objective in same_data_objectives(config)]
+        listed.append(jobs.Job(name(s, "result"), seed_result_job, (cfg[s], run_dir[s], s), tuple(parts)))
+    return listed
 
 
 def run_experiment(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
     os.makedirs(workdir, exist_ok=True)
     started = time.perf_counter()
     seeds = list(config.experiment.seeds)
-    per_seed = [run_seed(seed_config(config, s), os.path.join(workdir, f"seed_{s}"), s) for s in seeds]
+    results = jobs.run_jobs(experiment_jobs(config, workdir), config.experiment.get("workers", 0))
+    per_seed = [results[f"seed {s}: result"] for s in seeds]
     rows = aggregate(per_seed)
     judge = [r["judge"] for r in per_seed] if config.experiment.label_judge == "classifier" else None
     checked = check_goals(rows, judge)
@@ -491,6 +547,10 @@ def validate_experiment(config: config_dict.ConfigDict) -> None:
     seeds = list(config.experiment.seeds)
     if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
         raise config_lib.ConfigError("experiment.seeds", f"{tuple(seeds)!r} is not a tuple of distinct seeds >= 0")
+    workers, cpus = config.experiment.get("workers", 0), len(os.sched_getaffinity(0))
+    if not isinstance(workers, int) or not 0 <= workers <= cpus:
+        raise config_lib.ConfigError("experiment.workers", f"{workers!r} is not 0..{cpus} (worker processes; 0 or 1: "
+                                     f"this process; {cpus} usable CPUs here)")
     if config.experiment.label_judge not in ("classifier", "synthetic"):
         raise config_lib.ConfigError("experiment.label_judge",
                                      f"{config.experiment.label_judge!r} is not classifier or synthetic")
