@@ -15,14 +15,19 @@ count; ``tests/experiments/test_bb3x_table.py`` checks the whole table).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import multiprocessing
 import os
+import signal
+import sys
 import traceback
 from concurrent import futures
 from typing import Any, Callable, Sequence
 
 from bb3x_jax import errors
+
+_PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 class JobFailed(RuntimeError):
@@ -109,7 +114,12 @@ def _stop(pool: futures.ProcessPoolExecutor) -> None:
 
 
 def _pin(shares) -> None:
+    """A worker's start: its CPUs, and its end with the parent's (a killed script leaves no worker running)."""
     os.sched_setaffinity(0, shares.get())
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() == 1:  # the parent died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _call(name: str, fn: Callable[..., Any], args: tuple) -> Any:

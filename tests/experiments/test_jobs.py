@@ -2,6 +2,8 @@
 
 import operator
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from bb3x_jax import errors
 from bb3x_jax.experiments import jobs
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TWO_CPUS = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable CPUs")
 
 
@@ -66,3 +69,37 @@ def _affinity_after(seconds):
 
 def _raise_config_error(key, message):
     raise errors.ConfigError(key, message)
+
+
+def _write_pid_then_sleep(path, seconds):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+
+
+@TWO_CPUS
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_workers_end_when_the_script_is_killed(tmp_path):
+    """A script killed mid-run (SIGKILL: no cleanup of its own) leaves no worker computing on."""
+    pid_file = tmp_path / "worker.pid"
+    script = (f"from bb3x_jax.experiments import jobs; from tests.experiments import test_jobs; "
+              f"jobs.run_jobs([jobs.Job('sleep', test_jobs._write_pid_then_sleep, ({str(pid_file)!r}, 600))], 2)")
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    worker = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
