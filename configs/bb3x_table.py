@@ -59,6 +59,7 @@ def get_config() -> config_dict.ConfigDict:
     # feedback classifier trained on the release's feedback, as the paper did) or synthetic (the
     # ground truth labels too: an upper bound).
     # workers: the stages of all seeds run on this many processes at once, each pinned to its share
-    # of the CPUs (bb3x_jax/experiments/jobs.py); 0 runs them one after another in this process.
+    # of the CPUs (bb3x_jax/experiments/jobs.py); 0 runs them one after another in this process. The
+    # CPUs per process set XLA's summation order, so they are part of what makes the numbers.
     config.experiment = config_dict.ConfigDict({"seeds": (0, 1, 2), "label_judge": "classifier", "workers": 2})
     return config

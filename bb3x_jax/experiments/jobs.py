@@ -2,14 +2,15 @@
 
 On a small CPU machine one XLA process does not use its cores fully: a small
 model's step is some thousands of short ops, and two threads make it only about
-1.6x faster than one, so two one-thread processes do about 1.25x the work of one
+1.6x faster than one, so two one-thread processes do 1.25-1.5x the work of one
 two-thread process (``docs/experiments.md``). Independent stages (other seeds,
 the controls) therefore run side by side, one process per share of the CPUs.
 
 A worker is pinned (``os.sched_setaffinity``) before it imports JAX, so XLA
-sizes its thread pool to the worker's CPUs. The values a job computes are the
-same as in the parent process (XLA:CPU's results did not depend on the thread
-count; ``tests/experiments/test_bb3x_table.py`` checks the whole table).
+sizes its thread pool to the worker's CPUs. XLA:CPU may sum in another order
+with another thread count, so a job's values can differ from the parent
+process's by rounding, which long training amplifies: the number of workers
+(and the CPUs each gets) is part of what makes an experiment's numbers.
 ``workers`` <= 1 runs the jobs in the calling process, in order.
 """
 

@@ -192,8 +192,9 @@ def test_the_script_runs_every_stage_with_learned_labels_and_writes_table_chart_
                            env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
     assert rerun.returncode == out.returncode and "[seed 3] judge:" in rerun.stdout  # every stage reused
     assert json.load(open(os.path.join(workdir, "bb3x_table.json")))["rows"] == result["rows"]
-    # The committed config's two pinned worker processes (one thread each) compute what one process
-    # running the stages in turn (two threads) computes: the same table, value for value.
+    # The committed config's two pinned worker processes (one thread each) run the same stages on the
+    # same inputs as one process running them in turn: on this tiny run, the same table value for value
+    # (over thousands of steps XLA's other summation order with one thread shows; docs/experiments.md).
     one_process = str(tmp_path / "one_process")
     sequential = subprocess.run([sys.executable, "-m", "bb3x_jax.experiments.bb3x_table", f"--workdir={one_process}",
                                  *flags, "--config.experiment.workers=0"], cwd=REPO, capture_output=True, text=True,
