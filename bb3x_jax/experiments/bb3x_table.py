@@ -170,7 +170,6 @@ def judge_summary(report: dict[str, Any]) -> dict[str, Any]:
 
 def baseline_job(config: config_dict.ConfigDict, workdir: str, seed: int) -> dict[str, Any]:
     """Trains the seed's baseline unless a finished one made with the same settings exists; its timings."""
-    tfds.disable_progress_bar()
     os.makedirs(workdir, exist_ok=True)
     stage = Stages(seed)
     base = baseline_config(config, workdir)
@@ -182,7 +181,6 @@ def baseline_job(config: config_dict.ConfigDict, workdir: str, seed: int) -> dic
 def iterations_job(config: config_dict.ConfigDict, workdir: str, seed: int, _baseline: dict) -> dict[str, Any]:
     """The labelling judge (``experiment.label_judge=classifier``) and the CRINGE iterations from the
     baseline: one row per model (the baseline's first), the judge's scores, the timings."""
-    tfds.disable_progress_bar()
     stage = Stages(seed)
     judge = stage("judge", judge_stage, config, workdir) if config.experiment.label_judge == "classifier" else None
     rows = stage("iterations", iterate.run, config, workdir)
@@ -194,7 +192,6 @@ def iterations_job(config: config_dict.ConfigDict, workdir: str, seed: int, _bas
 
 def control_job(config: config_dict.ConfigDict, workdir: str, seed: int, _baseline: dict) -> dict[str, Any]:
     """The baseline trained on by likelihood for as many steps as all the iterations take, evaluated."""
-    tfds.disable_progress_bar()
     stage = Stages(seed)
     control_dir = os.path.join(workdir, "control")
     cfg = control_config(config, workdir, iterate.starting_checkpoint(config, workdir))
@@ -209,7 +206,6 @@ def control_job(config: config_dict.ConfigDict, workdir: str, seed: int, _baseli
 def same_data_job(config: config_dict.ConfigDict, workdir: str, seed: int, objective: str,
                   iterations: dict) -> dict[str, Any]:
     """``objective`` trained like the iterations on CRINGE's generated splits (``same_data_control``)."""
-    tfds.disable_progress_bar()
     stage = Stages(seed)
     row = stage(f"control_{objective}", same_data_control, config, workdir, objective, iterations["rows"][0]["model"])
     return {"rows": [row], "timings_s": stage.timings}
@@ -219,7 +215,6 @@ def seed_result_job(config: config_dict.ConfigDict, workdir: str, seed: int, *pa
     """One seed's table rows in order (baseline, iterations, controls), each also graded on sampled
     responses (``sampled.enabled``); written with the judge's scores and the stage timings to
     ``<workdir>/seed_result.json``."""
-    tfds.disable_progress_bar()
     stage = Stages(seed)
     table_rows = [row for part in parts for row in part["rows"]]
     if config.sampled.enabled:
@@ -258,7 +253,8 @@ def run_experiment(config: config_dict.ConfigDict, workdir: str) -> dict[str, An
     os.makedirs(workdir, exist_ok=True)
     started = time.perf_counter()
     seeds = list(config.experiment.seeds)
-    results = jobs.run_jobs(experiment_jobs(config, workdir), config.experiment.get("workers", 0))
+    results = jobs.run_jobs(experiment_jobs(config, workdir), config.experiment.get("workers", 0),
+                            setup=tfds.disable_progress_bar)
     per_seed = [results[f"seed {s}: result"] for s in seeds]
     rows = aggregate(per_seed)
     judge = [r["judge"] for r in per_seed] if config.experiment.label_judge == "classifier" else None
@@ -562,7 +558,6 @@ def main(argv):
     try:
         config = config_lib.validate(_CONFIG.value)
         validate_experiment(config)
-        tfds.disable_progress_bar()
         result = run_experiment(config, _WORKDIR.value)
     except (errors.UserError, FileNotFoundError) as error:  # what the user fixes: one line, exit 2
         if os.environ.get("BB3X_DEBUG"):

@@ -58,8 +58,10 @@ def cpu_shares(workers: int) -> list[set[int]]:
     return [set(cpus[i * size:(i + 1) * size]) for i in range(workers)]
 
 
-def run_jobs(jobs: Sequence[Job], workers: int) -> dict[str, Any]:
+def run_jobs(jobs: Sequence[Job], workers: int, setup: Callable[[], None] | None = None) -> dict[str, Any]:
     """Runs every job after the jobs it names; returns each job's result by name.
+
+    ``setup`` (module-level, no arguments) runs once in each process that runs jobs, before its first.
 
     A job's failure stops the run (the other workers are terminated) and is
     raised here, named: a ``UserError`` as a ``UserError``, anything else as
@@ -68,6 +70,8 @@ def run_jobs(jobs: Sequence[Job], workers: int) -> dict[str, Any]:
     _check(jobs)
     results: dict[str, Any] = {}
     if workers <= 1:
+        if setup is not None:
+            setup()
         for job in jobs:  # listed after their dependencies (checked)
             results[job.name] = job.fn(*job.args, *(results[d] for d in job.after))
         return results
@@ -75,7 +79,8 @@ def run_jobs(jobs: Sequence[Job], workers: int) -> dict[str, Any]:
     shares = context.Queue()
     for share in cpu_shares(workers):
         shares.put(share)
-    pool = futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_pin, initargs=(shares,))
+    pool = futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start,
+                                       initargs=(shares, setup))
     try:
         pending, running = list(jobs), {}
         while pending or running:
@@ -114,13 +119,16 @@ def _stop(pool: futures.ProcessPoolExecutor) -> None:
     pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _pin(shares) -> None:
-    """A worker's start: its CPUs, and its end with the parent's (a killed script leaves no worker running)."""
+def _start(shares, setup: Callable[[], None] | None) -> None:
+    """A worker's start: its CPUs, its end with the parent's (a killed script leaves no worker running),
+    then ``setup``."""
     os.sched_setaffinity(0, shares.get())
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() == 1:  # the parent died before the line above
             os.kill(os.getpid(), signal.SIGTERM)
+    if setup is not None:
+        setup()
 
 
 def _call(name: str, fn: Callable[..., Any], args: tuple) -> Any:

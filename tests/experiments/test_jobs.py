@@ -103,3 +103,22 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
     except FileNotFoundError:
         return False
+
+
+def _mark_setup():
+    os.environ["BB3X_TEST_JOB_SETUP"] = "done"
+
+
+def _setup_mark():
+    return os.environ.get("BB3X_TEST_JOB_SETUP")
+
+
+@TWO_CPUS
+def test_setup_runs_in_every_process_that_runs_jobs(monkeypatch):
+    """``setup`` (e.g. the experiment's progress-bar switch) reaches each worker, and this process
+    when there are no workers, before any job."""
+    monkeypatch.delenv("BB3X_TEST_JOB_SETUP", raising=False)
+    read = [jobs.Job(f"read {i}", _setup_mark) for i in range(4)]
+    assert set(jobs.run_jobs(read, workers=2, setup=_mark_setup).values()) == {"done"}
+    assert "BB3X_TEST_JOB_SETUP" not in os.environ  # set in the workers only
+    assert set(jobs.run_jobs(read, workers=0, setup=_mark_setup).values()) == {"done"}
