@@ -1,12 +1,33 @@
-"""Tiny random transformers models with odd sizes, and our configs for the same shapes."""
+"""Tiny random transformers models with odd sizes, our configs for the same shapes, and how the
+tests build and call our models.
+
+Our models are called jitted, never op by op: on XLA:CPU an eager call compiles
+each operation as a program of its own (hundreds per forward pass, each taking
+tens of milliseconds), a jitted one compiles one program per shape, which the
+suite's persistent compilation cache then shares between tests.
+"""
 
 from __future__ import annotations
 
+import jax
 import torch
-from flax import nnx
 from transformers import BlenderbotConfig, BlenderbotForConditionalGeneration, OPTConfig, OPTForCausalLM
 
-from bb3x_jax.model import config, transformer
+from bb3x_jax.model import build, config
+
+# Less codegen effort for the tests' programs: they are tiny, so compiling
+# dominates running them. The tests' tolerances hold at either level.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def jit(fn, **kwargs):
+    """``jax.jit`` with the tests' compile options (a model passed as an argument is a pytree)."""
+    return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)
+
+
+def forward(model, *args):
+    """``model(*args)`` in one compiled program."""
+    return jit(lambda m, *a: m(*a))(model, *args)
 
 
 def tiny_blenderbot(seed: int = 0, *, scale_embedding: bool = True, positions: int = 32):
@@ -35,8 +56,10 @@ def tiny_opt(seed: int = 0):
 
 
 def new_model(cfg, seed: int = 1):
-    with nnx.use_eager_sharding(False):
-        return transformer.Transformer(cfg, rngs=nnx.Rngs(seed))
+    """A randomly initialised model of ``cfg``, built op by op: the tests build dozens of configs, and
+    eager initialisation reuses its per-shape programs across them, where a jitted initialiser is one
+    new program (seconds of compiling) per config."""
+    return build.construct(cfg, seed)
 
 
 def tiny_blenderbot_small(seed: int = 0):

@@ -22,9 +22,7 @@ from tests.model import hf_fixtures
 
 CONTEXT = np.array([[5, 6, 7, 9, 11, 0], [8, 9, 10, 0, 0, 0]])
 LABEL = np.array([[4, 5, 3, 2], [6, 7, 2, 0]])
-# Faster XLA:CPU compiles for the jitted programs below (less codegen effort
-# only; every comparison is between programs compiled the same way).
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+_jit = hf_fixtures.jit
 
 
 def _copy_weights(source, source_cfg, target_cfg, seed: int = 1):
@@ -41,10 +39,6 @@ def _pair(name: str, **overrides):
     plain = hf_fixtures.new_model(cfg)
     scanned, _, _ = _copy_weights(plain, cfg, cfg.replace(scan_layers=True))
     return plain, scanned, cfg
-
-
-def _jit(fn, **kwargs):
-    return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)
 
 
 def _cached_logits(model, ids, prefill: int, context=None):
