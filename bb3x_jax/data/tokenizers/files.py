@@ -41,7 +41,6 @@ from typing import Any
 
 from bb3x_jax.data.tokenizers import base as tokenizer_lib
 from bb3x_jax.data.tokenizers import bpe
-from bb3x_jax.model.formats import metaseq
 
 KINDS = ("sentencepiece", "checkpoint", "parlai", "hf", "metaseq")
 CONFIG_KINDS = ("auto",) + KINDS  # data.tokenizer.kind
@@ -210,6 +209,7 @@ def checkpoint_kind(path: str, *, trust_pickle: bool = False) -> str:
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):
             return "hf"
+        from bb3x_jax.model.formats import metaseq  # imports JAX, which the data tools otherwise never load
 
         if metaseq.is_metaseq_dir(path, trust_pickle=trust_pickle):
             return "metaseq"
@@ -221,6 +221,7 @@ def checkpoint_kind(path: str, *, trust_pickle: bool = False) -> str:
         return "sentencepiece"
     if os.path.isfile(parlai_opt_path(path)) or os.path.isfile(path + ".dict"):
         return "parlai"
+    from bb3x_jax.model.formats import metaseq
 
     if metaseq.is_metaseq_file(path, trust_pickle=trust_pickle):
         return "metaseq"
