@@ -17,6 +17,9 @@ SCRIPT = textwrap.dedent(
     from bb3x_jax.model import build, config
 
     assert jax.device_count() == 8
+    # one compiled forward per model (tests' compile options: tiny programs, compiling dominates)
+    forward = lambda m, x, y: jax.jit(lambda m, x, y: m(x, y), compiler_options={
+        "xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})(m, x, y)
     scanned = {"scan_layers": True, "remat": "dots"}  # stacked layers: a replicated leading "layers" axis
     for preset, overrides, shapes in (("tiny", {}, ((2, 2, 2), (1, 8, 1), (1, 2, 4), (8, 1, 1))),
                                       ("tiny_opt", {}, ((2, 2, 2),)), ("tiny", scanned, ((2, 2, 2),))):
@@ -25,7 +28,7 @@ SCRIPT = textwrap.dedent(
         ids = jnp.array([[5, 6, 7, 9, 0, 0, 0, 0]] * 8)
         dec = jnp.array([[1, 4, 5, 3]] * 8) if cfg.arch == "encoder_decoder" else ids
         enc = ids if cfg.arch == "encoder_decoder" else None
-        b = plain(enc, dec)
+        b = forward(plain, enc, dec)
         for shape in shapes:
             mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape)))
             sharded = build.build(cfg, mesh=mesh, seed=3)
@@ -39,7 +42,7 @@ SCRIPT = textwrap.dedent(
                 np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(ref[...]), err_msg=str(path))
                 checked += 1
             assert checked > 10
-            a = jax.jit(lambda m, x, y: m(x, y))(sharded, enc, dec)
+            a = forward(sharded, enc, dec)
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     # A big preset's layout is checked abstractly: one tensor-sharded ffn kernel.
     mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
