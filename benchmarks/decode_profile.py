@@ -25,7 +25,6 @@ each counted whole, so the groups can add up to more than the search.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import statistics
@@ -101,16 +100,8 @@ def main(argv=None) -> list[dict]:
             for _ in range(args.runs):
                 jax.block_until_ready(compiled(state, ids, key))
         totals = step_profile.op_times(trace_dir)
-    groups: dict[tuple[str, str], list] = collections.defaultdict(lambda: [0.0, 0])
-    singles = []
-    for name, micros in totals.items():
-        if name not in index:  # runtime and Python events, not XLA ops
-            continue
-        ms = micros / 1e3 / args.runs
-        place = (part_of(index[name]["op_name"]), step_profile.classify(name, index[name])[1])
-        groups[place][0] += ms
-        groups[place][1] += 1
-        singles.append((ms, name, place))
+    groups, singles = step_profile.tally(
+        totals, index, args.runs, lambda name, info: (part_of(info["op_name"]), step_profile.classify(name, info)[1]))
     records = []
     for (part, kind), (ms, count) in sorted(groups.items(), key=lambda kv: -kv[1][0]):
         record = {"part": part, "kind": kind, "ms_per_search": round(ms, 2), "ops": count}

@@ -89,6 +89,21 @@ def op_times(trace_dir: str) -> dict[str, float]:
     return totals
 
 
+def tally(totals: dict[str, float], index: dict, runs: int, place) -> tuple[dict, list]:
+    """({group: [ms per run, op count]}, [(ms per run, op, group)]) over the XLA ops of a trace;
+    ``place(name, info)`` names an op's group (``classify``, say)."""
+    groups: dict[tuple[str, str], list] = collections.defaultdict(lambda: [0.0, 0])
+    singles = []
+    for name, micros in totals.items():
+        if name not in index:  # runtime and Python events, not XLA ops
+            continue
+        ms, group = micros / 1e3 / runs, place(name, index[name])
+        groups[group][0] += ms
+        groups[group][1] += 1
+        singles.append((ms, name, group))
+    return groups, singles
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="bench_small")
@@ -119,15 +134,7 @@ def main(argv=None) -> list[dict]:
                 state, _ = compiled(state, batch, setup.anchor)
             jax.block_until_ready(state)
         totals = op_times(trace_dir)
-    groups: dict[tuple[str, str], list] = collections.defaultdict(lambda: [0.0, 0])
-    singles = []
-    for name, micros in totals.items():
-        if name not in index:  # runtime and Python events, not XLA ops
-            continue
-        ms, place = micros / 1e3 / args.steps, classify(name, index[name])
-        groups[place][0] += ms
-        groups[place][1] += 1
-        singles.append((ms, name, place))
+    groups, singles = tally(totals, index, args.steps, classify)
     records = [{"phase": phase, "kind": kind, "ms_per_step": round(ms, 2), "ops": count}
                for (phase, kind), (ms, count) in sorted(groups.items(), key=lambda kv: -kv[1][0])]
     records += [{"op": name, "ms_per_step": round(ms, 2), "phase_kind": "/".join(place),
