@@ -23,6 +23,7 @@ input) is one line on stderr, ``error: ...``, and exit status 2; ``--debug``
 (or ``BB3X_DEBUG=1``) shows the traceback as well.
 """
 
+import importlib
 import logging
 import os
 import sys
@@ -30,31 +31,15 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from bb3x_jax import config as config_lib
 from bb3x_jax import errors
-from bb3x_jax.data.builder import EmptySplitError
-from bb3x_jax.data.release import ReleaseError
-from bb3x_jax.data.tokenizers.files import TokenizerFileError
-from bb3x_jax.eval.judges import JudgeLoadError
-from bb3x_jax.model.formats.pickles import UntrustedPickleError
-from bb3x_jax.model.formats.tables import CheckpointMismatch
-from bb3x_jax.modes import bench, chat, data, iterate, plan, serve, train, train_judge
-from bb3x_jax.modes import eval as eval_mode
 
-MODES = {
-    "train": train.run,
-    "eval": eval_mode.run,
-    "chat": chat.run,
-    "iterate": iterate.run,
-    "train_judge": train_judge.run,
-    "bench": bench.run,
-    "plan": plan.run,
-    "data": data.run,
-    "serve": serve.run,
-}
+# Each mode's module is imported only when it runs: ``--help``, a bad flag and the spawned
+# data-preparation workers (which run this file's top level again) then skip JAX, TFDS and the rest.
+MODES = {name: f"bb3x_jax.modes.{name}" for name in
+         ("train", "eval", "chat", "iterate", "train_judge", "bench", "plan", "data", "serve")}
 # What the user fixes: reported as one line, exit status 2 (anything else is a bug and traces back).
-USER_ERRORS = (errors.UserError, ReleaseError, TokenizerFileError, JudgeLoadError, UntrustedPickleError,
-               CheckpointMismatch, EmptySplitError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+# The library's own such errors all derive from errors.UserError.
+USER_ERRORS = (errors.UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cringe.py", "Configuration file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/cringe", "Where everything this run writes goes.")
@@ -103,9 +88,11 @@ def main(argv):
     try:
         if os.path.exists(workdir) and not os.path.isdir(workdir):
             raise errors.UserError(f"--workdir {workdir} is a file; give a folder (it is created if missing)")
+        from bb3x_jax import config as config_lib
+
         config = config_lib.validate(_CONFIG.value)
         config_lib.initialize_distributed(config)
-        MODES[_MODE.value](config, workdir)
+        importlib.import_module(MODES[_MODE.value]).run(config, workdir)
     except errors.TrainingDiverged as diverged:  # the step, its batch and the newest checkpoint kept
         print(f"error: {diverged}", file=sys.stderr)
         sys.exit(1)

@@ -27,7 +27,7 @@ def get_config() -> config_dict.ConfigDict:
     data.skip_malformed = False
     # Expected sha256 of a release tarball; 'none' skips the check (self-made tarballs).
     data.tarball_sha256 = schema.TARBALL_SHA256
-    data.num_workers = -1  # parser processes for preparation (-1: auto, 0: inline)
+    data.num_workers = -1  # parser processes for preparation (-1: auto, 0: inline; releases under 16 MiB: inline)
     data.synthetic = config_dict.ConfigDict({"conversations": 2000, "seed": 0})
     data.policy = config_dict.ConfigDict(DEFAULT_POLICY.to_dict())
     # reward thresholds are floats or None; tell ml_collections their type.

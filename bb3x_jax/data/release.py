@@ -25,12 +25,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from bb3x_jax.data import schema
+from bb3x_jax.errors import UserError
 
 _CHUNK_RE = re.compile(schema.CHUNK_PATTERN)
 _HASH_BLOCK = 1 << 20
 
 
-class ReleaseError(ValueError):
+class ReleaseError(UserError, ValueError):
     """A release file, line or field that does not match the data card."""
 
     def __init__(self, reason: str, where: str, detail: str):

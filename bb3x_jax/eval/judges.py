@@ -36,6 +36,7 @@ from ml_collections import config_dict
 from bb3x_jax.data import synthetic, token_cache
 from bb3x_jax.data.tokenizers import base as tokenizer_lib
 from bb3x_jax.data.tokenizers import files as tokenizer_files
+from bb3x_jax.errors import UserError
 from bb3x_jax.model import classifier as classifier_lib
 
 FORMAT = "bb3x_jax.judge/1"
@@ -130,7 +131,7 @@ def batched_probabilities(logits_fn, cfg: classifier_lib.ClassifierConfig, ids: 
     return out
 
 
-class JudgeLoadError(ValueError):
+class JudgeLoadError(UserError, ValueError):
     """A judge directory that exists but cannot be used (corrupt, incomplete, mismatched)."""
 
 

@@ -40,12 +40,12 @@ def batch_statistics(batch: dict[str, jax.Array], pad_id: int) -> dict[str, jax.
 
 
 def run(config: config_dict.ConfigDict, workdir: str) -> dict[str, Any]:
+    mesh = sharding.make_mesh(config.mesh.to_dict())  # a mesh the devices cannot hold fails before any work
     os.makedirs(workdir, exist_ok=True)
     start = time.perf_counter()
     built = dataset.prepare(config, workdir)
     prepared_s = time.perf_counter() - start
     tok = dataset.load_tokenizer(config, built)
-    mesh = sharding.make_mesh(config.mesh.to_dict())
     multiple = sharding.batch_size_multiple(mesh)
     if config.data.batch_size % (multiple * jax.process_count()):
         raise ValueError(

@@ -123,12 +123,13 @@ def test_training_records_equal_tfds_decoding(release_dir, data_dir):
             assert fast[i] == record
 
 
-def test_parallel_writer_equals_the_tfds_writer(tmp_path):
+def test_parallel_writer_equals_the_tfds_writer(tmp_path, monkeypatch):
     """Prepared with worker processes, every split holds the same records (as protos), in the same order."""
     from tensorflow_datasets.proto import tf_example_pb2
 
     from bb3x_jax.data import synthetic
 
+    monkeypatch.setattr(builder, "PARALLEL_MIN_BYTES", 0)  # this small release would be parsed inline
     folder = str(tmp_path / "syn")
     synthetic.synthesize(folder, 400, seed=5)
     serial = builder.prepare(folder, "bot", data_dir=str(tmp_path / "a"), num_workers=0)
@@ -168,3 +169,28 @@ def test_record_serializer_matches_tfds_bytes(release_dir):
                 assert records.serialize(example) == ours
                 count += 1
     assert count == 12
+
+
+def test_a_release_below_the_size_threshold_is_parsed_without_worker_processes(release_dir, tmp_path, monkeypatch):
+    """Spawning parser processes costs more than parsing a small release: below PARALLEL_MIN_BYTES none
+    start even when asked for, from that size on they do; the prepared data is the same either way."""
+    from bb3x_jax.data import parallel
+
+    asked = []
+    real_map = parallel.ordered_map
+
+    def recording_map(*args, workers, **kwargs):
+        asked.append(workers)
+        return real_map(*args, workers=workers, **kwargs)
+
+    monkeypatch.setattr(parallel, "ordered_map", recording_map)
+    size = builder.release_bytes(release.locate_release(release_dir))
+    monkeypatch.setattr(builder, "PARALLEL_MIN_BYTES", size + 1)
+    inline = builder.prepare(release_dir, "bot", data_dir=str(tmp_path / "a"), num_workers=2)
+    assert asked and set(asked) == {0}
+    asked.clear()
+    monkeypatch.setattr(builder, "PARALLEL_MIN_BYTES", size)
+    parallel_built = builder.prepare(release_dir, "bot", data_dir=str(tmp_path / "b"), num_workers=2)
+    assert asked and set(asked) == {2}
+    for split in schema.SPLITS:
+        assert builder.num_examples(inline, split) == builder.num_examples(parallel_built, split)

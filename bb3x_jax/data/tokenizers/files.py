@@ -41,6 +41,7 @@ from typing import Any
 
 from bb3x_jax.data.tokenizers import base as tokenizer_lib
 from bb3x_jax.data.tokenizers import bpe
+from bb3x_jax.errors import UserError
 
 KINDS = ("sentencepiece", "checkpoint", "parlai", "hf", "metaseq")
 CONFIG_KINDS = ("auto",) + KINDS  # data.tokenizer.kind
@@ -53,7 +54,7 @@ _METASEQ_BPE_NAMES = (("gpt2-vocab.json", "gpt2-merges.txt"), ("vocab.json", "me
                       ("encoder.json", "vocab.bpe"))
 
 
-class TokenizerFileError(FileNotFoundError):
+class TokenizerFileError(UserError, FileNotFoundError):
     """A tokenizer file is missing or unusable; the message names it and where it was looked for."""
 
 

@@ -19,11 +19,13 @@ import argparse
 import pickle
 import re
 
+from bb3x_jax.errors import UserError
+
 SAFE_GLOBALS = (argparse.Namespace,)
 TRUST_HINT = "trust_pickle=True in the API, --trust_pickle on the command lines, train.trust_pickle in the config"
 
 
-class UntrustedPickleError(ValueError):
+class UntrustedPickleError(UserError, ValueError):
     """A checkpoint that the safe unpickler refuses (it names a type or function to call)."""
 
     def __init__(self, path: str, what: str):

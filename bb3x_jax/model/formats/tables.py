@@ -22,13 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bb3x_jax.errors import UserError
 from bb3x_jax.model.config import ModelConfig
 from bb3x_jax.model.transformer import Transformer
 
 Row = tuple[str, str, str | None]
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError, ValueError):
     """A checkpoint whose keys or shapes do not fit the architecture."""
 
 
