@@ -10,6 +10,7 @@ given the context and ``label_ids[b, :t]``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -63,8 +64,9 @@ class BB3Model:
 
     def logits(self, context_ids, label_ids) -> jax.Array:
         """float32 [batch, label_len, vocab] next-token logits with teacher forcing
-        (see ``Transformer.label_logits`` for the framing)."""
-        return self.network.label_logits(jnp.asarray(context_ids), jnp.asarray(label_ids))
+        (see ``Transformer.label_logits`` for the framing), in one compiled program per shape."""
+        graphdef, state = nnx.split(self.network)
+        return compiled_label_logits(graphdef)(state, jnp.asarray(context_ids), jnp.asarray(label_ids))
 
     def generate(self, context_ids, *, method: str = "greedy", max_len: int = 32, min_len: int = 0,
                  beam_size: int = 1, block_ngram: int = 0, context_block_ngram: int = 0, top_k: int = 0,
@@ -119,6 +121,18 @@ class BB3Model:
             return parlai.save_parlai(self.network, self.config, path, dict_file=spec.files["dict"],
                                       base_opt=spec.opt, truncation=truncation, bpe_files=bpe_files)
         raise ValueError(f"unknown format {format!r}; expected 'hf' or 'parlai'")
+
+
+@functools.lru_cache(maxsize=32)
+def compiled_label_logits(graphdef):
+    """``label_logits`` jitted for one model structure: (state, context_ids, label_ids) -> logits.
+    Called outside ``jit``, the network runs (and first compiles) operation by operation: a tiny
+    model's forward is then about two hundred programs."""
+
+    def label_logits(state, context_ids, label_ids):
+        return nnx.merge(graphdef, state).label_logits(context_ids, label_ids)
+
+    return jax.jit(label_logits)
 
 
 def default_truncation(spec, cfg: ModelConfig) -> tuple[int, int]:
