@@ -5,7 +5,8 @@ names the config key, ``WorkdirError`` the workdir; the library's own errors for
 bad releases, tokenizer files, judges, pickles and checkpoints derive from it
 too) as one line with exit status 2, a ``TrainingDiverged`` run as one line with
 exit status 1, and a ``Stopped`` run (SIGTERM / SIGINT after a saved checkpoint)
-with the signal's conventional status, 128 + its number. Anything else is a bug and keeps its traceback.
+with the signal's conventional status, 128 + its number. Anything else is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations

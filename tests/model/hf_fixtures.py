@@ -14,10 +14,7 @@ import torch
 from transformers import BlenderbotConfig, BlenderbotForConditionalGeneration, OPTConfig, OPTForCausalLM
 
 from bb3x_jax.model import build, config
-
-# Less codegen effort for the tests' programs: they are tiny, so compiling
-# dominates running them. The tests' tolerances hold at either level.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+from tests import FAST_COMPILE
 
 
 def jit(fn, **kwargs):

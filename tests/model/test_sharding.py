@@ -15,11 +15,11 @@ SCRIPT = textwrap.dedent(
     from flax import nnx
     from bb3x_jax import sharding
     from bb3x_jax.model import build, config
+    from tests import FAST_COMPILE
 
     assert jax.device_count() == 8
     # one compiled forward per model (tests' compile options: tiny programs, compiling dominates)
-    forward = lambda m, x, y: jax.jit(lambda m, x, y: m(x, y), compiler_options={
-        "xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})(m, x, y)
+    forward = lambda m, x, y: jax.jit(lambda m, x, y: m(x, y), compiler_options=FAST_COMPILE)(m, x, y)
     scanned = {"scan_layers": True, "remat": "dots"}  # stacked layers: a replicated leading "layers" axis
     for preset, overrides, shapes in (("tiny", {}, ((2, 2, 2), (1, 8, 1), (1, 2, 4), (8, 1, 1))),
                                       ("tiny_opt", {}, ((2, 2, 2),)), ("tiny", scanned, ((2, 2, 2),))):

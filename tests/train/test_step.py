@@ -15,7 +15,7 @@ from flax import nnx
 from bb3x_jax import cringe
 from bb3x_jax.model import build, config
 from bb3x_jax.train import step as step_lib
-from tests import REPO
+from tests import FAST_COMPILE_FLAGS, REPO
 
 
 def make_batch(seed: int = 0, batch: int = 8, lc: int = 12, ll: int = 6, vocab: int = 64):
@@ -157,10 +157,9 @@ def test_sharded_step_equals_single_device_step():
     the rules table under the ambient mesh) give the single-device parameters to 1e-5, every
     parameter keeps the sharding the rules table gave it, and the step compiles once (its output
     state has its input's shardings)."""
-    # Low codegen effort for the five tiny programs (as the model tests' FAST_COMPILE): both sides of
-    # the comparison compile alike, and the script takes about 45 s instead of 58 s.
-    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 " \
-            "--xla_llvm_disable_expensive_passes=true"
+    # The tests' low codegen effort for the five tiny programs: both sides of the comparison compile
+    # alike, and the script takes about 45 s instead of 56 s.
+    flags = f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAGS}"
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
