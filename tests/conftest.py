@@ -79,6 +79,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 LOCKS = _run_folder("_BB3X_TESTS_LOCKS", "bb3x-jax-tests-locks-")  # one per run, shared by its workers
+_run_folder("_BB3X_TESTS_SHARED", "bb3x-jax-tests-shared-")  # workdirs built once per run (tests/shared_runs.py)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -12,7 +12,8 @@ import time
 import httpx
 import pytest
 
-from tests.modes.test_train import environment, main_command, run_main
+from tests import shared_runs
+from tests.modes.test_train import environment, fresh_workdir, main_command
 
 # Small and fast: greedy replies of at most 8 tokens, batches of up to 4, chunks written every 0.2 s.
 SERVE_FLAGS = ("--config.generation.method=greedy", "--config.generation.beam_size=1",
@@ -22,9 +23,7 @@ SERVE_FLAGS = ("--config.generation.method=greedy", "--config.generation.beam_si
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory):
     """A workdir with a 12-step MLE model on a small synthetic release (the model to serve)."""
-    workdir = str(tmp_path_factory.mktemp("serve_base"))
-    run_main(workdir, "--config.train.objective=mle")
-    return workdir
+    return fresh_workdir(shared_runs.mle_base(), tmp_path_factory.mktemp("serve_base"), "run")
 
 
 def free_port() -> int:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from bb3x_jax import config as config_lib
+from tests import shared_runs
 from tests.modes.test_train import fresh_workdir, run_main
 
 ITERATE_FLAGS = (
@@ -28,9 +29,7 @@ ITERATE_FLAGS = (
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A workdir with a prepared release and a 12-step MLE model (iteration 0)."""
-    workdir = str(tmp_path_factory.mktemp("iterate_base"))
-    run_main(workdir, "--config.train.objective=mle")
-    return workdir
+    return fresh_workdir(shared_runs.mle_base(), tmp_path_factory.mktemp("iterate_base"), "run")
 
 
 @pytest.fixture(scope="module")

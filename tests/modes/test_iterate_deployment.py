@@ -18,6 +18,7 @@ import shutil
 import pytest
 
 from bb3x_jax.data import schema
+from tests import shared_runs
 from tests.modes.test_train import fresh_workdir, run_main
 
 HELD_OUT_CHUNKS = (1, 4)  # a test and a valid chunk
@@ -119,9 +120,7 @@ def expected_split(dialogues: list[list[str]], rated: dict[tuple[int, int], str]
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A workdir with a prepared release and a 12-step MLE model (iteration 0), as test_iterate's."""
-    workdir = str(tmp_path_factory.mktemp("deployment_base"))
-    run_main(workdir, "--config.train.objective=mle")
-    return workdir
+    return fresh_workdir(shared_runs.mle_base(), tmp_path_factory.mktemp("deployment_base"), "run")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from tests import REPO
+from tests import REPO, shared_runs
 
 STEPS = 12
 RUN_FLAGS = (
@@ -79,11 +79,9 @@ def train_records(workdir):
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def prepared():
     """A workdir holding the prepared release and tokenizer, to copy (not re-prepare) per run."""
-    workdir = str(tmp_path_factory.mktemp("prepared"))
-    run_main(workdir, mode="data", *("--config.data_check.batches=1",))
-    return workdir
+    return shared_runs.prepared()
 
 
 def fresh_workdir(prepared, tmp_path, name):
