@@ -491,17 +491,17 @@ def format_report(result: dict[str, Any]) -> str:
 def plot(rows: list[dict[str, Any]], path: str, seeds: int) -> str | None:
     """Bars: mean good % per model with the seeds' standard deviation, beam search and sampled
     (left); each bad reason's mean % per model under beam search (right)."""
-    try:
-        import matplotlib  # deferred: slow to import, only the plot needs it
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # deferred: slow to import, only the plot needs it
+    try:  # deferred: slow to import, only the plot needs it; no pyplot, so a caller's backend is left alone
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         logging.warning("matplotlib is not installed: no chart")
         return None
 
     names = [textwrap.fill(r["model"].replace("BB3x CRINGE ", "CRINGE "), 16) for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 3]})
+    fig = Figure(figsize=(13, 4.5))
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 3]})
     colors = ["#888888" if r.get("iteration") == 0 else "#d08c2a" if r.get("iteration") is None else "#2b7bba"
               for r in rows]
     positions = np.arange(len(rows), dtype=float)
@@ -531,7 +531,6 @@ def plot(rows: list[dict[str, Any]], path: str, seeds: int) -> str | None:
     right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -104,17 +104,19 @@ class _EventWriter:
 
 
 def plot_curves(records: list[dict[str, Any]], path: str, title: str = "") -> str | None:
-    try:  # deferred: matplotlib is slow to import and only the plot needs it
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    # Deferred: matplotlib is slow to import and only the plot needs it. A Figure drawn by the Agg
+    # canvas, not pyplot: no global figure state, and a caller's (a notebook's) backend is left alone.
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         logging.warning("matplotlib is not installed: no loss plot")
         return None
     train = [r for r in records if r.get("kind") == "train"]
     valid = [r for r in records if r.get("kind") == "valid"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
     for key in ("loss", "ce_loss", "ct_loss"):
         points = [(r["step"], r[key]) for r in train if key in r]
         if points:
@@ -133,5 +135,4 @@ def plot_curves(records: list[dict[str, Any]], path: str, title: str = "") -> st
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
