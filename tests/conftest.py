@@ -10,7 +10,9 @@ and skip unless a ParlAI source checkout is importable.
 Most of the suite's time is XLA compiling the same programs again: in test after
 test and in every ``main.py`` child process. A persistent compilation cache in a
 folder private to this pytest run (inherited by the children through the
-environment) compiles each program once; a cache the user already set is kept.
+environment) compiles each program once. A folder the user names in
+``JAX_COMPILATION_CACHE_DIR`` is used instead and kept, with the same settings, so
+that a later run compiles only what changed.
 The two-process run drops it (``tests/train/test_multiprocess.py`` says why).
 
 The suite runs in parallel workers (pytest-xdist, ``addopts`` in pyproject.toml):
@@ -47,12 +49,13 @@ def _run_folder(variable: str, prefix: str) -> str:
 
 
 def _share_compilation_cache() -> None:
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return
-    directory = _run_folder("JAX_COMPILATION_CACHE_DIR", "bb3x-jax-tests-xla-cache-")
+    # A folder the user names is kept between runs: a later run reads what this one compiles.
+    directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or _run_folder("JAX_COMPILATION_CACHE_DIR",
+                                                                           "bb3x-jax-tests-xla-cache-")
     # A size limit turns on JAX's file lock around each read and write: parallel workers and
-    # their children then never read an entry another one is still writing.
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(64 << 30))
+    # their children then never read an entry another one is still writing. It also bounds a kept
+    # folder (least recently used entries go first); one quick loop writes about 50 MB.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
     # Cache even quick compiles: a test run repeats thousands of them.
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     import jax  # already imported by a plugin or earlier code: set it on the live config too
