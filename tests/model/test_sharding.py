@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests import REPO
+from tests import FAST_COMPILE_FLAGS, REPO
 
 SCRIPT = textwrap.dedent(
     """
@@ -60,7 +60,9 @@ SCRIPT = textwrap.dedent(
 def test_parameters_land_where_the_rules_table_says():
     """On meshes (2,2,2), (1,8,1), (1,2,4), (8,1,1) each parameter has its rule's sharding, the same values and logits
     (scanned layers too, on (2,2,2))."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    # The tests' codegen effort for every program of the script, the models' initialisers included.
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAGS}",
+               JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = REPO
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
