@@ -8,3 +8,23 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checko
 # The tests' tolerances hold at either level. As jit's compiler_options, and as XLA_FLAGS for a child.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 FAST_COMPILE_FLAGS = " ".join(f"--{name}={str(value).lower()}" for name, value in FAST_COMPILE.items())
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def plotted_under_another_backend(plot, *args, **kwargs):
+    """``plot(*args, **kwargs)`` with matplotlib's backend set to ``svg``; asserts the backend is still
+    ``svg`` afterwards (a plot must not switch a caller's, e.g. a notebook's) and that the returned
+    file is a PNG, and returns its path. The backend before is restored."""
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        path = plot(*args, **kwargs)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+    return path

@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_dict, config_flags
 
 from bb3x_jax import config as config_lib
@@ -61,7 +61,7 @@ from bb3x_jax.eval import judges
 from bb3x_jax.experiments import jobs
 from bb3x_jax.modes import iterate, train_judge
 from bb3x_jax.modes import train as loop
-from bb3x_jax.train import stages
+from bb3x_jax.train import metrics_log, stages
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bb3x_table.py", "Experiment configuration.",
                                           lock_config=True)
@@ -491,16 +491,10 @@ def format_report(result: dict[str, Any]) -> str:
 def plot(rows: list[dict[str, Any]], path: str, seeds: int) -> str | None:
     """Bars: mean good % per model with the seeds' standard deviation, beam search and sampled
     (left); each bad reason's mean % per model under beam search (right)."""
-    try:  # deferred: slow to import, only the plot needs it; no pyplot, so a caller's backend is left alone
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        logging.warning("matplotlib is not installed: no chart")
+    fig = metrics_log.agg_figure((13, 4.5), "chart")
+    if fig is None:
         return None
-
     names = [textwrap.fill(r["model"].replace("BB3x CRINGE ", "CRINGE "), 16) for r in rows]
-    fig = Figure(figsize=(13, 4.5))
-    FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 3]})
     colors = ["#888888" if r.get("iteration") == 0 else "#d08c2a" if r.get("iteration") is None else "#2b7bba"
               for r in rows]

@@ -103,19 +103,29 @@ class _EventWriter:
         self._writer.close()
 
 
-def plot_curves(records: list[dict[str, Any]], path: str, title: str = "") -> str | None:
-    # Deferred: matplotlib is slow to import and only the plot needs it. A Figure drawn by the Agg
-    # canvas, not pyplot: no global figure state, and a caller's (a notebook's) backend is left alone.
+def agg_figure(figsize: tuple[float, float], what: str):
+    """A matplotlib ``Figure`` on the Agg canvas, or None (logged, naming ``what``) without matplotlib.
+
+    Not pyplot: no global figure state, and a caller's backend (a notebook's) is left alone.
+    Imported here, not at the top: matplotlib is slow to import and only the plots need it.
+    """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        logging.warning("matplotlib is not installed: no loss plot")
+        logging.warning(f"matplotlib is not installed: no {what}")
+        return None
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_curves(records: list[dict[str, Any]], path: str, title: str = "") -> str | None:
+    fig = agg_figure((11, 4), "loss plot")
+    if fig is None:
         return None
     train = [r for r in records if r.get("kind") == "train"]
     valid = [r for r in records if r.get("kind") == "valid"]
-    fig = Figure(figsize=(11, 4))
-    FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
     for key in ("loss", "ce_loss", "ct_loss"):
         points = [(r["step"], r[key]) for r in train if key in r]

@@ -11,7 +11,7 @@ import pytest
 
 from bb3x_jax import config as config_lib
 from bb3x_jax.experiments import bb3x_table
-from tests import REPO
+from tests import REPO, plotted_under_another_backend
 
 
 def _cell(name, good, iteration=0, sampled=None, **reasons):
@@ -112,17 +112,9 @@ def test_table_has_table_9_columns_with_mean_and_sd():
 def test_chart_is_a_png_drawn_without_touching_the_callers_backend(tmp_path):
     """The chart of aggregated rows (sampled bars, controls) is a PNG; the caller's matplotlib backend
     is the same afterwards (the script can run inside a notebook)."""
-    matplotlib = pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib")
     rows = _rows(*(_seed(s, [0.40, 0.50], controls=[0.45], sampled=[(0.3, 0.2), (0.4, 0.1)]) for s in (0, 1)))
-    before = matplotlib.get_backend()
-    matplotlib.use("svg")
-    try:
-        path = bb3x_table.plot(rows, str(tmp_path / "chart.png"), seeds=2)
-        assert matplotlib.get_backend() == "svg"
-    finally:
-        matplotlib.use(before)
-    with open(path, "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    plotted_under_another_backend(bb3x_table.plot, rows, str(tmp_path / "chart.png"), seeds=2)
 
 
 def test_experiment_settings_are_checked_before_anything_runs():

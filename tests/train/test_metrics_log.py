@@ -8,21 +8,12 @@ import os
 import pytest
 
 from bb3x_jax.train import metrics_log
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+from tests import plotted_under_another_backend
 
 
 def test_plot_writes_a_png_and_leaves_the_callers_backend_alone(tmp_path):
-    matplotlib = pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib")
     records = [{"kind": "train", "step": s, "loss": 3.0 / s, "ce_loss": 2.0 / s, "ct_loss": 1.0 / s} for s in (1, 2, 3)]
     records += [{"kind": "valid", "step": 3, "ppl_positive": 20.0, "ppl_negative": 40.0, "ppl_unlabeled": None}]
-    before = matplotlib.get_backend()
-    matplotlib.use("svg")
-    try:
-        path = metrics_log.plot_curves(records, str(tmp_path / "curves.png"), title="run")
-        assert matplotlib.get_backend() == "svg"
-    finally:
-        matplotlib.use(before)
+    path = plotted_under_another_backend(metrics_log.plot_curves, records, str(tmp_path / "curves.png"), title="run")
     assert path == str(tmp_path / "curves.png") and os.path.getsize(path) > 1000
-    with open(path, "rb") as f:
-        assert f.read(8) == PNG_SIGNATURE
