@@ -117,6 +117,18 @@ def _chunk_range(split: str) -> str:
     return f"release_data_{chunks[0]:02d}..{chunks[-1]:02d}.jsonl" if chunks else "?"
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+    """The dataset's info; never looked up on TFDS's bucket, which holds nothing for this dataset.
+
+    TFDS makes a temporary folder for that lookup each time a builder is made for a folder
+    not yet prepared, and with the bucket off (its default) returns without removing it: one
+    empty folder left in the system's temporary folder per preparation.
+    """
+
+    def initialize_from_bucket(self) -> None:
+        return None
+
+
 class Bb3xDeployment(tfds.core.GeneratorBasedBuilder):
     """The BB3 deployment release as six reference example streams."""
 
@@ -143,7 +155,7 @@ class Bb3xDeployment(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return _LocalDatasetInfo(
             builder=self,
             description=_DESCRIPTION,
             features=_features(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import pytest
 import tensorflow_datasets as tfds
@@ -68,6 +69,17 @@ def test_release_contents_key_the_prepared_data(tmp_path, data_dir):
     second = builder.prepare(folder, "bot", data_dir=str(tmp_path / "tfds"), num_workers=0)
     assert first.data_dir != second.data_dir
     assert builder.num_examples(second, "train") == 2
+
+
+def test_preparing_leaves_nothing_in_the_system_temporary_folder(tmp_path, release_dir, monkeypatch):
+    """Preparing a release (both the first time and when reused) adds nothing to the system's
+    temporary folder: TFDS's bucket lookup used to leave an empty folder there per preparation."""
+    scratch = tmp_path / "system-tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    builder.prepare(release_dir, "bot", data_dir=str(tmp_path / "tfds"), num_workers=0)
+    builder.prepare(release_dir, "bot", data_dir=str(tmp_path / "tfds"), num_workers=0)
+    assert os.listdir(scratch) == []
 
 
 def test_tarball_and_custom_policy(tmp_path, release_dir):
