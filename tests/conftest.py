@@ -14,6 +14,8 @@ environment) compiles each program once. A folder the user names in
 ``JAX_COMPILATION_CACHE_DIR`` is used instead and kept, with the same settings, so
 that a later run compiles only what changed.
 The two-process run drops it (``tests/train/test_multiprocess.py`` says why).
+What the test processes compile themselves gets XLA's low codegen effort, except
+in tests marked ``full_codegen`` (``_codegen_effort``).
 
 The suite runs in parallel workers (pytest-xdist, ``addopts`` in pyproject.toml):
 ``-n auto`` is the machine's core count capped at ``MAX_WORKERS`` (every worker
@@ -68,6 +70,22 @@ def _share_compilation_cache() -> None:
 
 _share_compilation_cache()
 
+
+def _codegen_effort(full: bool) -> None:
+    """XLA's full optimisation, or its low codegen effort (backend optimisation level 0, no
+    expensive LLVM passes: JAX's ``jax_disable_most_optimizations``), for the programs this process
+    compiles from now on. It is part of the persistent cache's key (the two never share an entry);
+    a function jitted earlier keeps, in memory, what it compiled then."""
+    import jax
+
+    jax.config.update("jax_disable_most_optimizations", not full)
+
+
+# Most tests compile far more than they run: in this process, low effort unless a test is marked
+# ``full_codegen`` (it runs enough steps for optimised code to pay for its compile). ``main.py``
+# children keep XLA's default; the scripts of 8 simulated devices pass FAST_COMPILE_FLAGS themselves.
+_codegen_effort(full=False)
+
 MAX_WORKERS = 4
 
 
@@ -121,6 +139,8 @@ def _import_error(module: str) -> str | None:
 
 
 def pytest_runtest_setup(item):
+    # Before the test's fixtures are set up: a module fixture compiles with its first test's effort.
+    _codegen_effort(full=item.get_closest_marker("full_codegen") is not None)
     if item.get_closest_marker("parlai") is not None:
         error = _import_error("parlai.core.agents")
         if error:

@@ -16,6 +16,10 @@ from configs import cringe as cringe_config
 
 STEPS = 150
 
+# 300 steps: at the suite's low codegen effort (tests/conftest.py) they take 25 s longer than the
+# full optimisation saves in compiling.
+pytestmark = pytest.mark.full_codegen
+
 
 def _config(objective: str):
     config = cringe_config.get_config()
