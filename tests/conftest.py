@@ -83,7 +83,7 @@ def _codegen_effort(full: bool) -> None:
 
 # Most tests compile far more than they run: in this process, low effort unless a test is marked
 # ``full_codegen`` (it runs enough steps for optimised code to pay for its compile). ``main.py``
-# children keep XLA's default; the scripts of 8 simulated devices pass FAST_COMPILE_FLAGS themselves.
+# children keep XLA's default; the scripts of 8 simulated devices pass LOW_CODEGEN_EFFORT_ENV themselves.
 _codegen_effort(full=False)
 
 MAX_WORKERS = 4

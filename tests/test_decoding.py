@@ -198,7 +198,7 @@ def test_sampling_is_seeded_and_follows_the_model_distribution():
         return jax.nn.softmax(model.decode(start, memory, mask)[:, -1] @ model.embeddings[...].T)
 
     start = np.asarray([[model.cfg.decoder_start[0]]])
-    probs = np.asarray(hf_fixtures.jit(first_token_probs)(model, one[:1], start))[0]
+    probs = np.asarray(jax.jit(first_token_probs)(model, one[:1], start))[0]
     freq = np.bincount(first, minlength=len(probs)) / len(first)
     assert 0.5 * np.abs(freq - probs).sum() < 0.05
 

@@ -14,17 +14,11 @@ import torch
 from transformers import BlenderbotConfig, BlenderbotForConditionalGeneration, OPTConfig, OPTForCausalLM
 
 from bb3x_jax.model import build, config
-from tests import FAST_COMPILE
-
-
-def jit(fn, **kwargs):
-    """``jax.jit`` with the tests' compile options (a model passed as an argument is a pytree)."""
-    return jax.jit(fn, compiler_options=FAST_COMPILE, **kwargs)
 
 
 def forward(model, *args):
-    """``model(*args)`` in one compiled program."""
-    return jit(lambda m, *a: m(*a))(model, *args)
+    """``model(*args)`` in one compiled program (a model passed as an argument is a pytree)."""
+    return jax.jit(lambda m, *a: m(*a))(model, *args)
 
 
 def tiny_blenderbot(seed: int = 0, *, scale_embedding: bool = True, positions: int = 32):

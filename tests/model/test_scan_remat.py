@@ -22,7 +22,6 @@ from tests.model import hf_fixtures
 
 CONTEXT = np.array([[5, 6, 7, 9, 11, 0], [8, 9, 10, 0, 0, 0]])
 LABEL = np.array([[4, 5, 3, 2], [6, 7, 2, 0]])
-_jit = hf_fixtures.jit
 
 
 def _copy_weights(source, source_cfg, target_cfg, seed: int = 1):
@@ -48,9 +47,9 @@ def _cached_logits(model, ids, prefill: int, context=None):
         memory, memory_mask = (None, None) if context is None else model.encode(context)
         return model.init_cache(ids.shape[0], ids.shape[1], memory, memory_mask)
 
-    cache = _jit(start)(model, None if context is None else jnp.asarray(context))
-    step = _jit(lambda model, c, x: model.decode_cached(x, c))
-    prefill_step = _jit(lambda model, c, x: model.decode_cached(
+    cache = jax.jit(start)(model, None if context is None else jnp.asarray(context))
+    step = jax.jit(lambda model, c, x: model.decode_cached(x, c))
+    prefill_step = jax.jit(lambda model, c, x: model.decode_cached(
         x, c, valid=x != model.cfg.pad_id if model.cfg.arch == "decoder_only" else None))
     logits, cache = prefill_step(model, cache, jnp.asarray(ids[:, :prefill]))
     chunks = [np.asarray(logits)]
@@ -84,11 +83,11 @@ def test_scanned_logits_equal_layer_list(name):
     ctx, lab = jnp.asarray(CONTEXT), jnp.asarray(LABEL)
     if cfg.arch == "encoder_decoder":
         ids = np.array([[1, 4, 5, 3, 8], [1, 6, 7, 12, 13]])
-        forward = _jit(lambda m: (m.label_logits(ctx, lab), m(ctx, jnp.asarray(ids))))
+        forward = jax.jit(lambda m: (m.label_logits(ctx, lab), m(ctx, jnp.asarray(ids))))
         valid = np.ones(ids.shape, bool)
     else:
         ids = np.array([[2, 5, 6, 7, 9, 10], [1, 1, 2, 8, 9, 12]])
-        forward = _jit(lambda m: (m.label_logits(ctx, lab), m(None, jnp.asarray(ids))))
+        forward = jax.jit(lambda m: (m.label_logits(ctx, lab), m(None, jnp.asarray(ids))))
         valid = ids != cfg.pad_id
     (labels_plain, full), (labels_scan, full_scan) = forward(plain), forward(scanned)
     np.testing.assert_allclose(labels_scan, labels_plain, atol=1e-5, rtol=0)
@@ -108,7 +107,7 @@ def test_scanned_parlai_round_trip_is_bit_exact(variant):
     assert exported.keys() == original.keys()
     for key in original:
         np.testing.assert_array_equal(exported[key], original[key], err_msg=key)
-    forward = _jit(lambda m: m.label_logits(jnp.asarray(CONTEXT), jnp.asarray(LABEL)))
+    forward = jax.jit(lambda m: m.label_logits(jnp.asarray(CONTEXT), jnp.asarray(LABEL)))
     np.testing.assert_allclose(forward(scanned), forward(plain), atol=1e-5, rtol=0)
 
 
@@ -122,7 +121,7 @@ def test_abstract_scanned_model_is_filled_by_a_checkpoint():
     tables.load_state_dict(abstract, tables.export_state_dict(plain, rows, tied), rows, tied)
     kernel = abstract.decoder.layers.ffn.lin1.kernel.get_value()
     assert isinstance(kernel, jax.Array) and kernel.shape == (cfg.n_decoder_layers, cfg.d_model, cfg.ffn_dim)
-    forward = _jit(lambda m: m.label_logits(jnp.asarray(CONTEXT), jnp.asarray(LABEL)))
+    forward = jax.jit(lambda m: m.label_logits(jnp.asarray(CONTEXT), jnp.asarray(LABEL)))
     np.testing.assert_allclose(forward(abstract), forward(plain), atol=1e-5, rtol=0)
 
 
@@ -148,10 +147,10 @@ def test_scanned_model_to_transformers_and_back(tmp_path, kind):
             dec = np.array([[1, 4, 5], [1, 6, 7]])
             ref = reloaded(input_ids=torch.tensor(ids), attention_mask=torch.tensor(ids != pad).long(),
                            decoder_input_ids=torch.tensor(dec)).logits.numpy()
-            ours, valid = np.asarray(_jit(lambda m: m(jnp.asarray(ids), jnp.asarray(dec)))(model)), dec != pad
+            ours, valid = np.asarray(jax.jit(lambda m: m(jnp.asarray(ids), jnp.asarray(dec)))(model)), dec != pad
         else:
             ref = reloaded(input_ids=torch.tensor(ids), attention_mask=torch.tensor(ids != pad).long()).logits.numpy()
-            ours, valid = np.asarray(_jit(lambda m: m(None, jnp.asarray(ids)))(model)), ids != pad
+            ours, valid = np.asarray(jax.jit(lambda m: m(None, jnp.asarray(ids)))(model)), ids != pad
     np.testing.assert_allclose(ours[valid], ref[valid], atol=1e-5, rtol=0)
     again = hf_fixtures.new_model(scanned_cfg, seed=5)
     tables.load_state_dict(again, hf.read_hf_weights(str(tmp_path / "export")), *hf.table(cfg))
@@ -187,7 +186,7 @@ def _grads(model, deterministic: bool):
         loss_fn = lambda m: jnp.mean(jax.nn.log_softmax(m.label_logits(ctx, lab, deterministic=deterministic))[..., 3])
         return nnx.value_and_grad(loss_fn)(m)
 
-    return _jit(loss_and_grad)(state)
+    return jax.jit(loss_and_grad)(state)
 
 
 def _flat(model, grads) -> dict[str, np.ndarray]:
@@ -251,7 +250,7 @@ def test_scan_compiles_one_layer_body():
         sizes[n] = (len(jaxpr.eqns), str(jaxpr).count("dot_general"))
         assert any(e.primitive.name == "scan" for e in jaxpr.eqns)
     assert sizes[2] == sizes[6]
-    hlo = _jit(lambda s: nnx.merge(graphdef, s)(None, jnp.asarray(LABEL))).lower(state).compile().as_text()
+    hlo = jax.jit(lambda s: nnx.merge(graphdef, s)(None, jnp.asarray(LABEL))).lower(state).compile().as_text()
     assert hlo.count(" while(") == 1  # the decoder stack: one loop, one layer body
 
 
@@ -291,7 +290,7 @@ def test_bfloat16_compute_with_float32_parameters():
     model, _, _ = _copy_weights(reference, cfg, cfg.replace(dtype="bfloat16"))
     ctx, lab = jnp.asarray(CONTEXT), jnp.asarray(LABEL)
     assert {str(x.dtype) for x in jax.tree.leaves(nnx.state(model, nnx.Param))} == {"float32"}
-    forward = _jit(lambda m: m.label_logits(ctx, lab))
+    forward = jax.jit(lambda m: m.label_logits(ctx, lab))
     logits, want = forward(model), np.asarray(forward(reference))
     assert logits.dtype == jnp.float32
     assert 0 < np.abs(np.asarray(logits) - want).max() <= 0.1

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 
-from tests import FAST_COMPILE_FLAGS, REPO
+from tests import LOW_CODEGEN_EFFORT_ENV, REPO
 
 SCRIPT = textwrap.dedent(
     """
@@ -15,11 +15,10 @@ SCRIPT = textwrap.dedent(
     from flax import nnx
     from bb3x_jax import sharding
     from bb3x_jax.model import build, config
-    from tests import FAST_COMPILE
 
     assert jax.device_count() == 8
-    # one compiled forward per model (tests' compile options: tiny programs, compiling dominates)
-    forward = lambda m, x, y: jax.jit(lambda m, x, y: m(x, y), compiler_options=FAST_COMPILE)(m, x, y)
+    # one compiled forward per model (at the tests' low codegen effort, from the environment)
+    forward = lambda m, x, y: jax.jit(lambda m, x, y: m(x, y))(m, x, y)
     scanned = {"scan_layers": True, "remat": "dots"}  # stacked layers: a replicated leading "layers" axis
     for preset, overrides, shapes in (("tiny", {}, ((2, 2, 2), (1, 8, 1), (1, 2, 4), (8, 1, 1))),
                                       ("tiny_opt", {}, ((2, 2, 2),)), ("tiny", scanned, ((2, 2, 2),))):
@@ -61,8 +60,8 @@ def test_parameters_land_where_the_rules_table_says():
     """On meshes (2,2,2), (1,8,1), (1,2,4), (8,1,1) each parameter has its rule's sharding, the same values and logits
     (scanned layers too, on (2,2,2))."""
     # The tests' codegen effort for every program of the script, the models' initialisers included.
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAGS}",
-               JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               **LOW_CODEGEN_EFFORT_ENV)
     env["PYTHONPATH"] = REPO
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

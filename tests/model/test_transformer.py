@@ -63,7 +63,7 @@ def test_blenderbot_gradients_match_torch_autograd(scan):
         logits = nnx.merge(graphdef, p, rest)(jnp.asarray(enc), jnp.asarray(dec))
         return jnp.sum(logits * weights)
 
-    nnx.update(model, hf_fixtures.jit(jax.grad(loss))(params))
+    nnx.update(model, jax.jit(jax.grad(loss))(params))
     ours = tables.export_state_dict(model, rows, tied)
     hf.zero_grad()
     logits = hf(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc != 0).long(),
@@ -165,12 +165,12 @@ def test_export_to_transformers_and_back(tmp_path, kind):
 def _cached_logits(model, ids, prefill: int, memory=None, memory_mask=None):
     """Logits of every position computed through the cache: a prefill (a decoder-only prompt's
     padding marked), then one token at a time."""
-    cache = hf_fixtures.jit(lambda m, *a: m.init_cache(ids.shape[0], ids.shape[1], *a))(model, memory, memory_mask)
-    step = hf_fixtures.jit(lambda c, x: model.decode_cached(x, c))
+    cache = jax.jit(lambda m, *a: m.init_cache(ids.shape[0], ids.shape[1], *a))(model, memory, memory_mask)
+    step = jax.jit(lambda c, x: model.decode_cached(x, c))
     prompt = jnp.asarray(ids[:, :prefill])
     chunks = []
     if model.cfg.arch == "decoder_only":
-        logits, cache = hf_fixtures.jit(lambda c, x: model.decode_cached(x, c, valid=x != model.cfg.pad_id))(cache, prompt)
+        logits, cache = jax.jit(lambda c, x: model.decode_cached(x, c, valid=x != model.cfg.pad_id))(cache, prompt)
     else:
         logits, cache = step(cache, prompt)
     chunks.append(np.asarray(logits))
@@ -188,7 +188,7 @@ def test_cached_decoding_equals_full_forward_and_transformers_blenderbot():
     enc = np.array([[5, 6, 7, 9, 11, 0], [8, 9, 10, 0, 0, 0]])
     dec = np.array([[1, 4, 5, 3, 8, 9], [1, 6, 7, 12, 13, 14]])
     full = np.asarray(hf_fixtures.forward(model, jnp.asarray(enc), jnp.asarray(dec)))
-    memory, memory_mask = hf_fixtures.jit(lambda m, x: m.encode(x))(model, jnp.asarray(enc))
+    memory, memory_mask = jax.jit(lambda m, x: m.encode(x))(model, jnp.asarray(enc))
     for prefill in (1, 3):
         cached = _cached_logits(model, dec, prefill, memory, memory_mask)
         np.testing.assert_allclose(cached, full, atol=1e-5, rtol=0)
@@ -231,6 +231,6 @@ def test_xlm_variant_matches_transformers_blenderbot_small():
                  decoder_input_ids=torch.tensor(dec)).logits.numpy()
     ours = np.asarray(hf_fixtures.forward(model, jnp.asarray(enc), jnp.asarray(dec)))
     np.testing.assert_allclose(ours[dec != 0], ref[dec != 0], atol=1e-4, rtol=0)
-    memory, memory_mask = hf_fixtures.jit(lambda m, x: m.encode(x))(model, jnp.asarray(enc))
+    memory, memory_mask = jax.jit(lambda m, x: m.encode(x))(model, jnp.asarray(enc))
     cached = _cached_logits(model, dec, 2, memory, memory_mask)
     np.testing.assert_allclose(cached[dec != 0], ref[dec != 0], atol=1e-4, rtol=0)

@@ -15,7 +15,7 @@ from flax import nnx
 from bb3x_jax import cringe
 from bb3x_jax.model import build, config
 from bb3x_jax.train import step as step_lib
-from tests import FAST_COMPILE_FLAGS, REPO
+from tests import LOW_CODEGEN_EFFORT_ENV, REPO
 
 
 def make_batch(seed: int = 0, batch: int = 8, lc: int = 12, ll: int = 6, vocab: int = 64):
@@ -159,8 +159,8 @@ def test_sharded_step_equals_single_device_step():
     state has its input's shardings)."""
     # The tests' low codegen effort for the five tiny programs: both sides of the comparison compile
     # alike, and the script takes about 45 s instead of 56 s.
-    flags = f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAGS}"
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+               **LOW_CODEGEN_EFFORT_ENV)
     proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("OK")
